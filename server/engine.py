@@ -1,0 +1,139 @@
+"""ONNX Runtime sessions over an exported model directory, and batched greedy decoding in numpy.
+
+This is the serving side's view of the model: torch is never imported here. The decoding loop
+knows nothing of gRPC; the scheduler (and `seqserve translate`) drive it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+
+from seqserve.export import names
+from seqserve.export.model_dir import ModelDir, open_model_dir
+from seqserve.model.errors import SeqserveError
+
+log = logging.getLogger(__name__)
+
+Device = Literal["auto", "cpu", "cuda"]
+
+OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class DeviceError(SeqserveError):
+    """The requested execution device cannot be used."""
+
+
+def choose_providers(device: Device) -> list[str]:
+    """ONNX Runtime providers for a device; `cuda` fails here if this build cannot offer it."""
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise DeviceError(f"--device cuda: this ONNX Runtime build offers only {', '.join(available)} "
+                          "(install the `gpu` extra, onnxruntime-gpu, instead of `cpu`)")
+    return ["CPUExecutionProvider"]
+
+
+class OnnxSeq2Seq:
+    """The two graphs of a model directory as ONNX Runtime sessions."""
+
+    def __init__(self, model_dir: ModelDir | str | os.PathLike, *, device: Device = "auto",
+                 intra_op_threads: int = 0, inter_op_threads: int = 1,
+                 optimization: str = "all") -> None:
+        self.model_dir = model_dir if isinstance(model_dir, ModelDir) else open_model_dir(model_dir)
+        self.config = self.model_dir.config
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = inter_op_threads
+        if optimization not in OPTIMIZATION_LEVELS:
+            raise SeqserveError(f"optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}, got {optimization!r}")
+        options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+        # Threads that spin between the many small kernels of a decode step burn the cores the
+        # other thread needs; measured faster here with spinning off (shared/perf-notes.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = choose_providers(device)
+        self.encoder = ort.InferenceSession(str(self.model_dir.encoder_path), options, providers=providers)
+        self.decoder = ort.InferenceSession(str(self.model_dir.decoder_path), options, providers=providers)
+        # ONNX Runtime silently falls back to CPU when CUDA cannot load: check what it actually uses.
+        self.providers = self.decoder.get_providers()
+        if device == "cuda" and "CUDAExecutionProvider" not in self.providers:
+            raise DeviceError(f"--device cuda: CUDA could not be loaded; sessions run on {', '.join(self.providers)}")
+        log.info("model %s loaded on %s", self.model_dir.path, ", ".join(self.providers))
+
+    def encode(self, source_ids: np.ndarray, source_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, S) int64 ids and bool mask -> cross-attention K, V (L, B, H, S, Dh)."""
+        cross_key, cross_value = self.encoder.run(None, {"source_ids": source_ids, "source_mask": source_mask})
+        return cross_key, cross_value
+
+    def decode(self, tokens: np.ndarray, positions: np.ndarray, past_key: np.ndarray, past_value: np.ndarray,
+               self_mask: np.ndarray, cross_key: np.ndarray, cross_value: np.ndarray,
+               source_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """One decoder step; see `export.names` for shapes. Returns logits, present K, present V, alignment."""
+        feeds = dict(zip(names.DECODER_INPUTS, (tokens, positions, past_key, past_value, self_mask,
+                                                 cross_key, cross_value, source_mask)))
+        logits, present_key, present_value, alignment = self.decoder.run(None, feeds)
+        return logits, present_key, present_value, alignment
+
+    def empty_cache(self, batch: int) -> np.ndarray:
+        """A zero-length self-attention cache, (L, B, H, 0, Dh)."""
+        cfg = self.config
+        return np.zeros((cfg.decoder_layers, batch, cfg.n_heads, 0, cfg.head_dim), dtype=np.float32)
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad id lists into (B, S) int64 ids and a bool mask that is True at real tokens."""
+    length = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), length), pad_id, dtype=np.int64)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = seq
+    mask = np.zeros_like(ids, dtype=bool)
+    for i, seq in enumerate(sequences):
+        mask[i, : len(seq)] = True
+    return ids, mask
+
+
+def greedy_generate(engine: OnnxSeq2Seq, sources: Sequence[Sequence[int]], *,
+                    max_new_tokens: int) -> list[list[int]]:
+    """Greedy decoding of a batch with the KV cache; returns each row's tokens without EOS.
+
+    Finished rows are dropped from the batch (and from the caches) so the remaining rows do not
+    pay for them.
+    """
+    cfg = engine.config
+    source_ids, source_mask = pad_batch(sources, cfg.pad_id)
+    cross_key, cross_value = engine.encode(source_ids, source_mask)
+    rows = np.arange(len(sources))  # original index of each live row
+    past_key = past_value = engine.empty_cache(len(sources))
+    tokens = np.full((len(sources), 1), cfg.bos_id, dtype=np.int64)
+    out: list[list[int]] = [[] for _ in sources]
+    for step in range(max_new_tokens):
+        b = len(rows)
+        positions = np.full((b, 1), step, dtype=np.int64)
+        self_mask = np.ones((b, step + 1), dtype=bool)
+        logits, past_key, past_value, _ = engine.decode(tokens, positions, past_key, past_value, self_mask,
+                                                        cross_key, cross_value, source_mask)
+        next_tokens = logits[:, -1].argmax(axis=-1)  # (B,)
+        live = next_tokens != cfg.eos_id
+        for row, token in zip(rows[live], next_tokens[live]):
+            out[row].append(int(token))
+        if not live.all():
+            rows, next_tokens = rows[live], next_tokens[live]
+            past_key, past_value = past_key[:, live], past_value[:, live]
+            cross_key, cross_value, source_mask = cross_key[:, live], cross_value[:, live], source_mask[live]
+        if len(rows) == 0:
+            break
+        tokens = next_tokens[:, None].astype(np.int64)
+    return out
