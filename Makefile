@@ -1,0 +1,44 @@
+# seqserve: the two set-up commands of the README, and the pieces they are made of.
+# `make demo`: environment, train the demo model, export + verify it, translate sample dates.
+# `make test`: environment, then the whole default test suite (what CI runs).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN ?= runs
+SAMPLES := "Tuesday, the 5th of November 1985" "nov 25 2026" "03/14/2015" "1 JANUARY 1900" "Sat 29 Feb 2020"
+
+.PHONY: demo test test-slow install train export translate clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch first and exactly: the CPU wheel of 2.13.0 lies on this machine's disk, and anything
+# looser would pull a multi-GB CUDA build.
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet -e ".[cpu,train,dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+train: install
+	$(BIN)/seqserve train --task dates --out $(RUN)/dates --epochs 12 --lr-scale 0.5 --target-exact-match 0.995 --max-minutes 4.5
+
+export: train
+	$(BIN)/seqserve export $(RUN)/dates/checkpoint.pt --out $(RUN)/dates-model --force
+
+translate: export
+	$(BIN)/seqserve translate $(RUN)/dates-model $(SAMPLES)
+
+demo: translate
+
+test: install
+	$(BIN)/pytest -m "not slow"
+
+test-slow: install
+	$(BIN)/pytest -m slow
+
+clean:
+	rm -rf $(RUN) .pytest_cache

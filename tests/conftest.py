@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny model really trained on the dates task, and its exported model directory.
+
+Session-scoped so the whole suite trains and exports once (a few seconds on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A training output folder (checkpoint.pt, tokenizer.json, metrics.json, learning_curve.png)."""
+    from seqserve.model.train import TrainOptions, train
+
+    out = tmp_path_factory.mktemp("trained")
+    train("dates", None, None, TrainOptions(out=out, preset="tiny", epochs=2, train_size=6000, valid_size=200,
+                                            batch_size=64, warmup=100, seed=0, device="cpu",
+                                            max_source_len=48, max_target_len=24))
+    return out
+
+
+@pytest.fixture(scope="session")
+def checkpoint_path(trained_dir: Path) -> Path:
+    return trained_dir / "checkpoint.pt"
+
+
+@pytest.fixture(scope="session")
+def model_dir(checkpoint_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The exported (and export-verified) model directory of the tiny trained model."""
+    from seqserve.export.exporter import export_model_dir
+    from seqserve.model.checkpoint import load_checkpoint
+
+    out = tmp_path_factory.mktemp("exported") / "model"
+    export_model_dir(load_checkpoint(checkpoint_path), out)
+    return out

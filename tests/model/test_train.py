@@ -1,0 +1,74 @@
+"""Training: schedule, outputs written, reproducibility, TSV corpora, and user mistakes reported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from seqserve.model.checkpoint import load_checkpoint
+from seqserve.model.train import TrainOptions, noam_lr, train
+from seqserve.server.cli import main as seqserve
+
+
+def test_noam_schedule_warms_up_then_decays() -> None:
+    lrs = [noam_lr(s, 512, 4000) for s in (1, 2000, 4000, 8000, 16000)]
+    assert lrs[0] < lrs[1] < lrs[2] and lrs[2] > lrs[3] > lrs[4]
+    assert lrs[2] == pytest.approx(512 ** -0.5 * 4000 ** -0.5)
+
+
+def test_training_writes_checkpoint_metrics_plot_and_tokenizer(trained_dir: Path) -> None:
+    for name in ("checkpoint.pt", "tokenizer.json", "metrics.json", "learning_curve.png"):
+        assert (trained_dir / name).stat().st_size > 0, name
+    assert (trained_dir / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((trained_dir / "metrics.json").read_text())
+    assert len(metrics["history"]) == 2
+    assert {"exact_match", "bleu", "chrf", "valid_loss"} <= set(metrics["best"])
+    ckpt = load_checkpoint(trained_dir / "checkpoint.pt")
+    assert len(ckpt.validation) == 200
+    assert ckpt.metrics["exact_match"] == metrics["best"]["exact_match"]
+    # Even two tiny epochs learn something real on the dates task.
+    assert metrics["best"]["exact_match"] > 0.05
+
+
+def _write_tsv(path: Path, n: int) -> Path:
+    words = ["red", "green", "blue", "black", "white", "small", "big", "cat", "dog", "house"]
+    lines = [f"{words[i % 10]} {words[(i * 3) % 10]}\t{words[(i * 3) % 10]} {words[i % 10]}" for i in range(n)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_training_on_a_tsv_corpus_is_reproducible(tmp_path: Path) -> None:
+    data = _write_tsv(tmp_path / "train.tsv", 60)
+    outs = []
+    for run in ("a", "b"):
+        summary = train(None, str(data), None, TrainOptions(out=tmp_path / run, preset="tiny", epochs=1,
+                                                            batch_size=16, seed=3, device="cpu"))
+        assert summary["best"]["bleu"] >= 0.0
+        outs.append(load_checkpoint(tmp_path / run / "checkpoint.pt"))
+    for key, value in outs[0].state_dict.items():
+        assert torch.equal(value, outs[1].state_dict[key]), key
+
+
+def test_malformed_tsv_line_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "bad.tsv"
+    data.write_text("a b\tb a\nno tab here\n", encoding="utf-8")
+    assert seqserve(["train", "--data", str(data), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"{data}:2:" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
+
+
+def test_unknown_task_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert seqserve(["train", "--task", "poetry", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "poetry" in err and "dates" in err and "Traceback" not in err
+
+
+def test_unknown_command_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert seqserve(["fly"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+    assert seqserve(["--help"]) == 0
+    assert "export" in capsys.readouterr().out
