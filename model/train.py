@@ -53,7 +53,7 @@ class TrainOptions:
     label_smoothing: float = 0.1
     seed: int = 0
     device: str = "auto"
-    max_minutes: float | None = None  # stop after the epoch that passes this wall-clock budget
+    max_minutes: float | None = None  # wall-clock budget: no epoch starts that would end past it
     target_exact_match: float | None = None  # stop once validation reaches it
     max_source_len: int = 256
     max_target_len: int = 256
@@ -257,8 +257,11 @@ def train(task: str | None, data: str | None, valid: str | None, opts: TrainOpti
         if opts.target_exact_match is not None and metrics["exact_match"] >= opts.target_exact_match:
             log.info("reached target exact match %.2f%%", 100 * opts.target_exact_match)
             break
-        if opts.max_minutes is not None and time.perf_counter() - started > 60 * opts.max_minutes:
-            log.info("time budget of %.1f min spent", opts.max_minutes)
+        # Stop before an epoch that would not finish within the budget (judged by the last one).
+        elapsed = time.perf_counter() - started
+        epoch_seconds = time.perf_counter() - epoch_start
+        if opts.max_minutes is not None and elapsed + epoch_seconds > 60 * opts.max_minutes:
+            log.info("stopping: another epoch would pass the %.1f min budget", opts.max_minutes)
             break
     summary = {"best": best, "history": history["valid"], "parameters": count_parameters(model),
                "config": cfg.to_dict(), "train_seconds": round(time.perf_counter() - started, 1)}
@@ -291,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, default=0.1, help="(default 0.1, as in the paper)")
     p.add_argument("--seed", type=int, default=0, help="seed for data, initialization and order (default 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default auto)")
-    p.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this budget")
+    p.add_argument("--max-minutes", type=float, help="time budget: no epoch starts that would end past it")
     p.add_argument("--target-exact-match", type=float, help="stop once validation exact match reaches this (0-1)")
     return p
 

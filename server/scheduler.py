@@ -1,0 +1,404 @@
+"""Step-level continuous batching: one worker thread owns the running batch.
+
+At every step boundary the worker drops rows whose request finished, was cancelled or passed
+its deadline, admits waiting requests (one encoder pass for all of them, their rows merged into
+the batch), runs one decoder step for every row, and hands each row its token. A short request
+that arrives while long ones decode joins at the next step instead of waiting for them.
+
+Nothing here knows about gRPC: callers submit token ids with `GenerationParams` and get a
+`concurrent.futures.Future` plus, optionally, a callback per token.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from seqserve.server import errors
+from seqserve.server.batch import DecodeBatch, StepEngine
+from seqserve.server.engine import pad_batch
+from seqserve.server.generation import (FinishReason, GenerationParams, RequestResult, SequenceResult, Strategy,
+                                        Timings, TokenEvent)
+from seqserve.server.strategies import BeamSearch, log_softmax, sample
+
+log = logging.getLogger(__name__)
+
+TokenCallback = Callable[[TokenEvent], None]
+
+
+class SchedulerObserver(Protocol):
+    """Receives step-level measurements (the metrics module implements it)."""
+
+    def on_encode(self, requests: int, seconds: float) -> None: ...
+
+    def on_step(self, rows: int, seconds: float, run_seconds: float) -> None: ...
+
+    def on_queue_depth(self, depth: int) -> None: ...
+
+
+class RequestHandle:
+    """The caller's side of a submitted request."""
+
+    def __init__(self) -> None:
+        self.future: Future[RequestResult] = Future()
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask for the request's rows to leave the batch at the next step boundary."""
+        self._cancelled.set()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancelled.is_set()
+
+
+@dataclass
+class _Sequence:
+    """One output sequence being built (one row, except for beam search)."""
+
+    tokens: list[int] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)
+    alignments: list[np.ndarray] = field(default_factory=list)
+    finish: FinishReason | None = None
+
+
+@dataclass
+class _Request:
+    """A submitted request and its progress."""
+
+    source_ids: list[int]
+    params: GenerationParams
+    deadline: float | None
+    on_token: TokenCallback | None
+    handle: RequestHandle
+    submitted: float
+    admitted: float = 0.0
+    encoder_seconds: float = 0.0
+    first_token: float = 0.0
+    sequences: list[_Sequence] = field(default_factory=list)
+    beam: BeamSearch | None = None
+    rng: np.random.Generator | None = None
+    done: bool = False
+
+
+class Scheduler:
+    """Runs requests through one continuously batched decoding loop on a worker thread."""
+
+    def __init__(self, engine: StepEngine, *, max_batch_size: int = 32, max_queue: int = 128,
+                 observer: SchedulerObserver | None = None) -> None:
+        self.engine = engine
+        self.config = engine.config
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.observer = observer
+        self._waiting: deque[_Request] = deque()
+        self._lock = threading.Condition()
+        self._closed = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # The running batch; row i belongs to self._rows[i] = (request, sequence index).
+        self._batch: DecodeBatch | None = None
+        self._rows: list[tuple[_Request, int]] = []
+        self._idle = threading.Event()
+        self._idle.set()
+
+    # -- the caller's side -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="seqserve-scheduler", daemon=True)
+            self._thread.start()
+
+    def submit(self, source_ids: list[int], params: GenerationParams, *, deadline: float | None = None,
+               on_token: TokenCallback | None = None) -> RequestHandle:
+        """Queue a request; Overloaded at once when the wait queue is full, Unavailable when closed."""
+        if params.rows > self.max_batch_size:
+            raise errors.InvalidRequest("num_beams", f"needs {params.rows} rows; max_batch_size is {self.max_batch_size}")
+        handle = RequestHandle()
+        request = _Request(list(source_ids), params, deadline, on_token, handle, time.monotonic())
+        with self._lock:
+            if self._closed:
+                raise errors.Unavailable("server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise errors.Overloaded(f"wait queue is full ({self.max_queue} requests); retry later")
+            self._waiting.append(request)
+            self._idle.clear()
+            self._lock.notify()
+            depth = len(self._waiting)
+        if self.observer:
+            self.observer.on_queue_depth(depth)
+        return handle
+
+    def close(self) -> None:
+        """Refuse new requests; queued and running ones still finish."""
+        with self._lock:
+            self._closed = True
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """True once nothing is queued or running."""
+        return self._idle.wait(timeout)
+
+    def stop(self) -> None:
+        """Stop the worker; unfinished requests end with Unavailable."""
+        with self._lock:
+            self._closed = True
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+        for request in [*self._waiting, *(r for r, _ in self._rows)]:
+            self._fail(request, errors.Unavailable("server stopped before the request finished"))
+        self._waiting.clear()
+        self._rows, self._batch = [], None
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active_rows(self) -> int:
+        return len(self._rows)
+
+    # -- the worker --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._waiting and not self._rows and not self._stopping:
+                    self._idle.set()
+                    self._lock.wait()
+                if self._stopping:
+                    return
+            try:
+                self._drop_finished()
+                self._admit()
+                if self._rows:
+                    self._step()
+                self._drop_finished()
+            except Exception as exc:  # a bug, or the engine failing: fail the batch, keep serving
+                log.exception("decoding step failed")
+                for request, _ in self._rows:
+                    self._fail(request, errors.ServingError(f"decoding failed: {type(exc).__name__}: {exc}"))
+                self._rows, self._batch = [], None
+
+    def _expired(self, request: _Request, now: float) -> errors.ServingError | None:
+        if request.handle.cancel_requested:
+            return errors.Cancelled("request cancelled by the caller")
+        if request.deadline is not None and now > request.deadline:
+            return errors.DeadlineExceeded("deadline passed before the request finished")
+        return None
+
+    def _admit(self) -> None:
+        """Move waiting requests into the batch while rows are free: one encoder pass for all."""
+        free = self.max_batch_size - len(self._rows)
+        admitted: list[_Request] = []
+        now = time.monotonic()
+        with self._lock:
+            while self._waiting and self._waiting[0].params.rows <= free:
+                request = self._waiting.popleft()
+                error = self._expired(request, now)
+                if error is not None:
+                    self._fail(request, error)
+                    continue
+                admitted.append(request)
+                free -= request.params.rows
+            depth = len(self._waiting)
+        if self.observer:
+            self.observer.on_queue_depth(depth)
+        if not admitted:
+            return
+        start = time.perf_counter()
+        ids, mask = pad_batch([r.source_ids for r in admitted], self.config.pad_id)
+        cross_key, cross_value = self.engine.encode(ids, mask)
+        seconds = time.perf_counter() - start
+        if self.observer:
+            self.observer.on_encode(len(admitted), seconds)
+        # Each request takes params.rows identical rows (beams, or independent samples).
+        repeats = np.array([r.params.rows for r in admitted])
+        new = DecodeBatch(np.repeat(cross_key, repeats, axis=1), np.repeat(cross_value, repeats, axis=1),
+                          np.repeat(mask, repeats, axis=0), self.config.bos_id)
+        admitted_at = time.monotonic()
+        for request in admitted:
+            request.admitted = admitted_at
+            request.encoder_seconds = seconds
+            params = request.params
+            if params.strategy is Strategy.BEAM:
+                request.beam = BeamSearch(params.num_beams, self.config.eos_id, params.length_penalty,
+                                          params.min_new_tokens, frozenset(params.stop_token_ids),
+                                          params.return_alignments)
+                request.sequences = [_Sequence()]
+            else:
+                request.sequences = [_Sequence() for _ in range(params.rows)]
+            if params.strategy is Strategy.SAMPLE:
+                request.rng = np.random.default_rng(params.seed)
+            self._rows += [(request, i) for i in range(params.rows)]
+        if self._batch is None:
+            self._batch = new
+        else:
+            self._batch.concatenate(new)
+
+    def _step(self) -> None:
+        """One decoder step for all rows, then each row's choice of token."""
+        assert self._batch is not None
+        start = time.perf_counter()
+        logits, alignment, run_seconds = self._batch.step(self.engine)
+        rows = len(self._rows)
+        next_tokens = self._choose(logits, alignment)
+        self._batch.tokens = next_tokens
+        if self.observer:
+            self.observer.on_step(rows, time.perf_counter() - start, run_seconds)
+
+    def _choose(self, logits: np.ndarray, alignment: np.ndarray) -> np.ndarray:
+        """Pick every row's next token and record it; returns the decoder's next inputs (R,)."""
+        cfg = self.config
+        rows = self._rows
+        # EOS is forbidden to rows still under their min_new_tokens.
+        lengths = np.fromiter((len(r.sequences[i].tokens) if r.beam is None else len(r.beam.tokens[0])
+                               for r, i in rows), dtype=np.int64, count=len(rows))
+        minimum = np.fromiter((r.params.min_new_tokens for r, _ in rows), dtype=np.int64, count=len(rows))
+        if (lengths < minimum).any():
+            logits = logits.copy()
+            logits[lengths < minimum, cfg.eos_id] = -np.inf
+        next_tokens = logits.argmax(axis=-1)  # greedy for everyone; other strategies overwrite theirs
+        now = time.monotonic()
+        reorder: np.ndarray | None = None
+        row = 0
+        while row < len(rows):
+            request, _ = rows[row]
+            params = request.params
+            n = params.rows
+            span = slice(row, row + n)
+            if params.strategy is Strategy.SAMPLE:
+                assert request.rng is not None
+                next_tokens[span] = sample(logits[span], request.rng, temperature=params.temperature,
+                                           top_k=params.top_k, top_p=params.top_p)
+            if request.beam is not None:
+                sources, tokens = request.beam.step(log_softmax(logits[span]),
+                                                    alignment[span] if params.return_alignments else None)
+                next_tokens[span] = tokens
+                if not np.array_equal(sources, np.arange(n)):
+                    if reorder is None:
+                        reorder = np.arange(len(rows))
+                    reorder[span] = row + sources
+                if request.first_token == 0.0:
+                    request.first_token = now
+                if request.beam.done() or len(request.beam.tokens[0]) >= params.max_new_tokens:
+                    self._finish_beam(request)
+            else:
+                log_probs = log_softmax(logits[span]) if params.return_log_probs else None
+                for i in range(n):
+                    self._emit(request, i, int(next_tokens[row + i]),
+                               None if log_probs is None else float(log_probs[i, next_tokens[row + i]]),
+                               alignment[row + i] if params.return_alignments else None, now)
+            row += n
+        if reorder is not None:
+            assert self._batch is not None
+            self._batch.reorder(reorder)
+        return next_tokens.astype(np.int64)
+
+    def _emit(self, request: _Request, index: int, token: int, log_prob: float | None,
+              alignment: np.ndarray | None, now: float) -> None:
+        """Record one row's token; mark the sequence finished on EOS, a stop token or the length cap."""
+        seq = request.sequences[index]
+        if seq.finish is not None:  # a finished sample whose row waits for its siblings
+            return
+        params = request.params
+        if request.first_token == 0.0:
+            request.first_token = now
+        if token == self.config.eos_id:
+            seq.finish = FinishReason.EOS
+        else:
+            seq.tokens.append(token)
+            if log_prob is not None:
+                seq.log_probs.append(log_prob)
+            source_len = len(request.source_ids)
+            if alignment is not None:
+                seq.alignments.append(alignment[:source_len])
+            if request.on_token is not None:
+                request.on_token(TokenEvent(index, len(seq.tokens) - 1, token, log_prob,
+                                            None if alignment is None else alignment[:source_len]))
+            if token in params.stop_token_ids:
+                seq.finish = FinishReason.STOP
+            elif len(seq.tokens) >= params.max_new_tokens:
+                seq.finish = FinishReason.LENGTH
+        if all(s.finish is not None for s in request.sequences):
+            self._succeed(request, [self._sequence_result(request, s) for s in request.sequences])
+
+    def _sequence_result(self, request: _Request, seq: _Sequence) -> SequenceResult:
+        params = request.params
+        assert seq.finish is not None
+        return SequenceResult(
+            token_ids=seq.tokens, finish_reason=seq.finish,
+            log_probs=seq.log_probs if params.return_log_probs else None,
+            score=float(sum(seq.log_probs)) if params.return_log_probs else None,
+            alignments=np.stack(seq.alignments) if params.return_alignments and seq.alignments else None)
+
+    def _finish_beam(self, request: _Request) -> None:
+        assert request.beam is not None
+        params = request.params
+        results = []
+        for hyp in request.beam.best(params.num_return_sequences):
+            if hyp.finished_by_eos:
+                reason = FinishReason.EOS
+            elif hyp.tokens and hyp.tokens[-1] in params.stop_token_ids:
+                reason = FinishReason.STOP
+            else:
+                reason = FinishReason.LENGTH
+            results.append(SequenceResult(
+                token_ids=hyp.tokens, finish_reason=reason,
+                log_probs=hyp.log_probs if params.return_log_probs else None, score=hyp.score,
+                alignments=np.stack([a[:len(request.source_ids)] for a in hyp.alignments])
+                if params.return_alignments and hyp.alignments else None))
+        if request.on_token is not None:  # beams are only final at the end: stream the best one then
+            best = results[0]
+            for index, token in enumerate(best.token_ids):
+                request.on_token(TokenEvent(0, index, token, best.log_probs[index] if best.log_probs else None,
+                                            best.alignments[index] if best.alignments is not None else None))
+        self._succeed(request, results)
+
+    def _timings(self, request: _Request) -> Timings:
+        end = time.monotonic()
+        return Timings(queue=request.admitted - request.submitted if request.admitted else end - request.submitted,
+                       encoder=request.encoder_seconds,
+                       decode=end - request.admitted if request.admitted else 0.0,
+                       first_token=request.first_token - request.submitted if request.first_token else 0.0,
+                       total=end - request.submitted)
+
+    def _succeed(self, request: _Request, sequences: list[SequenceResult]) -> None:
+        request.done = True
+        if not request.handle.future.done():
+            request.handle.future.set_result(RequestResult(sequences, len(request.source_ids), self._timings(request)))
+
+    def _fail(self, request: _Request, error: Exception) -> None:
+        request.done = True
+        if not request.handle.future.done():
+            request.handle.future.set_exception(error)
+
+    def _drop_finished(self) -> None:
+        """Remove the rows of finished, cancelled and expired requests from the batch."""
+        if not self._rows:
+            return
+        now = time.monotonic()
+        for request in {id(r): r for r, _ in self._rows}.values():
+            if not request.done:
+                error = self._expired(request, now)
+                if error is not None:
+                    self._fail(request, error)
+        keep = np.fromiter((not r.done for r, _ in self._rows), dtype=bool, count=len(self._rows))
+        if keep.all():
+            return
+        self._rows = [pair for pair, k in zip(self._rows, keep) if k]
+        if self._rows:
+            assert self._batch is not None
+            self._batch.filter(keep)
+        else:
+            self._batch = None

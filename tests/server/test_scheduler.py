@@ -1,0 +1,258 @@
+"""The continuous-batching scheduler, driven in-process: with a fake engine that returns scripted
+logits (bookkeeping: admission, filtering, cancellation, deadlines, limits), and with the real
+ONNX Runtime engine (results independent of batch company, beam search, sampling)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import wait
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from seqserve.model.config import ModelConfig
+from seqserve.server import errors
+from seqserve.server.engine import OnnxSeq2Seq, greedy_generate
+from seqserve.server.generation import FinishReason, GenerationParams, Strategy
+from seqserve.server.scheduler import Scheduler
+
+EOS = 2
+CFG = ModelConfig(vocab_size=256, d_model=8, encoder_layers=1, decoder_layers=1, n_heads=2, d_ff=8,
+                  max_source_len=16, max_target_len=200)
+
+
+class FakeEngine:
+    """Scripted model: the source's first token k makes the row emit k, k+1, ... for k steps, then EOS
+    (k = 2 would start with EOS itself, so tests avoid it).
+
+    The script is read from the cross-attention cache and the row's position, so a row only gets
+    its own tokens if the batch keeps caches, positions and rows lined up through every merge,
+    filter and trim.
+    """
+
+    config = CFG
+
+    def __init__(self, step_delay: float = 0.0) -> None:
+        self.step_delay = step_delay
+        self.batch_sizes: list[int] = []
+
+    def encode(self, source_ids: np.ndarray, source_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        b, s = source_ids.shape
+        key = np.zeros((1, b, 2, s, 4), np.float32)
+        key[0, :, 0, :, 0] = source_ids
+        return key, key.copy()
+
+    def decode(self, tokens, positions, past_key, past_value, self_mask, cross_key, cross_value, source_mask):  # noqa: ANN001
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        b = tokens.shape[0]
+        self.batch_sizes.append(b)
+        assert self_mask.shape == (b, past_key.shape[3] + 1)
+        assert (self_mask.sum(axis=1) == positions[:, 0] + 1).all(), "cache mask out of step with positions"
+        first = cross_key[0, :, 0, 0, 0].astype(int)
+        logits = np.zeros((b, 1, CFG.vocab_size), np.float32)
+        for row in range(b):
+            pos = int(positions[row, 0])
+            logits[row, 0, first[row] + pos if pos < first[row] else EOS] = 10.0
+        new = np.zeros((1, b, 2, 1, 4), np.float32)
+        present = np.concatenate([past_key, new], axis=3)
+        alignment = np.zeros((b, 1, cross_key.shape[3]), np.float32)
+        return logits, present, present.copy(), alignment
+
+
+def expected(k: int) -> list[int]:
+    return list(range(k, 2 * k))
+
+
+def greedy(max_new: int = 100, **kw) -> GenerationParams:  # noqa: ANN003
+    return GenerationParams(max_new_tokens=max_new, **kw)
+
+
+@pytest.fixture
+def fake() -> FakeEngine:
+    return FakeEngine()
+
+
+def run(scheduler: Scheduler) -> Scheduler:
+    scheduler.start()
+    return scheduler
+
+
+def test_concurrent_requests_each_get_their_own_tokens(fake: FakeEngine) -> None:
+    sched = run(Scheduler(fake, max_batch_size=8))
+    try:
+        handles = []
+        for i, k in enumerate([5, 1, 12, 3, 7, 20, 13, 9, 4, 15, 6, 11]):
+            handles.append((k, sched.submit([k, 9, 9][: 1 + i % 3], greedy())))
+            time.sleep(0.001 * (i % 3))  # some arrive while others decode
+        for k, h in handles:
+            result = h.future.result(timeout=10)
+            assert result.sequences[0].token_ids == expected(k)
+            assert result.sequences[0].finish_reason is FinishReason.EOS
+        assert max(fake.batch_sizes) <= 8
+        assert sched.wait_idle(5) and sched.active_rows == 0
+    finally:
+        sched.stop()
+
+
+def test_short_request_is_not_held_behind_long_ones() -> None:
+    fake = FakeEngine(step_delay=0.002)
+    sched = run(Scheduler(fake, max_batch_size=4))
+    try:
+        long = sched.submit([40], greedy())
+        time.sleep(0.02)
+        short = sched.submit([3], greedy())
+        assert short.future.result(timeout=10).sequences[0].token_ids == [3, 4, 5]
+        assert not long.future.done(), "the short request waited for the long one"
+        assert long.future.result(timeout=10).sequences[0].token_ids == expected(40)
+    finally:
+        sched.stop()
+
+
+def test_length_stop_and_min_new_tokens(fake: FakeEngine) -> None:
+    sched = run(Scheduler(fake))
+    try:
+        cut = sched.submit([10], greedy(max_new=4)).future.result(timeout=5).sequences[0]
+        assert cut.token_ids == [10, 11, 12, 13] and cut.finish_reason is FinishReason.LENGTH
+        stop = sched.submit([10], greedy(stop_token_ids=(12,))).future.result(timeout=5).sequences[0]
+        assert stop.token_ids == [10, 11, 12] and stop.finish_reason is FinishReason.STOP
+        forced = sched.submit([3], greedy(max_new=6, min_new_tokens=6)).future.result(timeout=5).sequences[0]
+        assert len(forced.token_ids) == 6 and forced.token_ids[:3] == [3, 4, 5] and EOS not in forced.token_ids
+    finally:
+        sched.stop()
+
+
+def test_cancel_and_deadline_free_the_rows() -> None:
+    fake = FakeEngine(step_delay=0.005)
+    sched = run(Scheduler(fake, max_batch_size=4))
+    try:
+        cancelled = sched.submit([60], greedy())
+        late = sched.submit([60], greedy(), deadline=time.monotonic() + 0.05)
+        time.sleep(0.03)
+        cancelled.cancel()
+        with pytest.raises(errors.Cancelled):
+            cancelled.future.result(timeout=5)
+        with pytest.raises(errors.DeadlineExceeded):
+            late.future.result(timeout=5)
+        assert sched.wait_idle(5) and sched.active_rows == 0
+        assert len(fake.batch_sizes) < 40, "the server kept decoding cancelled rows"
+    finally:
+        sched.stop()
+
+
+def test_full_queue_is_refused_at_once() -> None:
+    fake = FakeEngine(step_delay=0.01)
+    sched = run(Scheduler(fake, max_batch_size=1, max_queue=2))
+    try:
+        running = sched.submit([50], greedy())
+        time.sleep(0.05)  # admitted: the queue is empty again
+        queued = [sched.submit([1], greedy()) for _ in range(2)]
+        start = time.monotonic()
+        with pytest.raises(errors.Overloaded, match="queue is full"):
+            sched.submit([1], greedy())
+        assert time.monotonic() - start < 0.5
+        running.cancel()
+        assert all(q.future.result(timeout=5).sequences[0].token_ids == [1] for q in queued)
+    finally:
+        sched.stop()
+
+
+def test_close_refuses_new_work_but_finishes_admitted(fake: FakeEngine) -> None:
+    sched = run(Scheduler(fake))
+    h = sched.submit([30], greedy())
+    sched.close()
+    with pytest.raises(errors.Unavailable):
+        sched.submit([1], greedy())
+    assert h.future.result(timeout=5).sequences[0].token_ids == expected(30)
+    sched.stop()
+
+
+def test_stop_fails_unfinished_requests() -> None:
+    sched = run(Scheduler(FakeEngine(step_delay=0.01), max_batch_size=1))
+    handles = [sched.submit([90], greedy()) for _ in range(2)]
+    time.sleep(0.03)
+    sched.stop()
+    for h in handles:
+        with pytest.raises(errors.Unavailable):
+            h.future.result(timeout=5)
+
+
+def test_streaming_callback_sees_tokens_before_the_end(fake: FakeEngine) -> None:
+    sched = run(Scheduler(FakeEngine(step_delay=0.002)))
+    seen: list[int] = []
+    first_seen_while_running = threading.Event()
+    handle = None
+
+    def on_token(event) -> None:  # noqa: ANN001
+        seen.append(event.token_id)
+        if handle is not None and not handle.future.done():
+            first_seen_while_running.set()
+
+    try:
+        handle = sched.submit([8], greedy(), on_token=on_token)
+        assert handle.future.result(timeout=5).sequences[0].token_ids == seen == expected(8)
+        assert first_seen_while_running.is_set()
+    finally:
+        sched.stop()
+
+
+# -- with the real model -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir: Path) -> OnnxSeq2Seq:
+    return OnnxSeq2Seq(model_dir, device="cpu", intra_op_threads=1)
+
+
+@pytest.fixture(scope="module")
+def sources(engine: OnnxSeq2Seq) -> list[list[int]]:
+    from seqserve.model.data import dates_pairs, encode_source, load_tokenizer
+
+    tok = load_tokenizer(engine.model_dir.tokenizer_path)
+    return [encode_source(tok, p.source) for p in dates_pairs(40, seed=77)]
+
+
+def test_results_do_not_depend_on_batch_company(engine: OnnxSeq2Seq, sources: list[list[int]]) -> None:
+    max_new = engine.config.max_target_len
+    alone = [greedy_generate(engine, [s], max_new_tokens=max_new)[0] for s in sources[:32]]
+    sched = run(Scheduler(engine, max_batch_size=32))
+    try:
+        handles = [sched.submit(s, greedy(max_new)) for s in sources[:32]]
+        wait([h.future for h in handles], timeout=60)
+        assert [h.future.result().sequences[0].token_ids for h in handles] == alone
+        # Staggered arrivals: rows join a running batch at different steps.
+        handles = []
+        for s in sources[:32]:
+            handles.append(sched.submit(s, greedy(max_new)))
+            time.sleep(0.002)
+        assert [h.future.result(timeout=60).sequences[0].token_ids for h in handles] == alone
+    finally:
+        sched.stop()
+
+
+def test_beam_search_and_sampling_share_the_batch(engine: OnnxSeq2Seq, sources: list[list[int]]) -> None:
+    max_new = engine.config.max_target_len
+    sched = run(Scheduler(engine, max_batch_size=32))
+    try:
+        one_beam = sched.submit(sources[0], GenerationParams(max_new, strategy=Strategy.BEAM, num_beams=1))
+        beams = sched.submit(sources[1], GenerationParams(max_new, strategy=Strategy.BEAM, num_beams=4,
+                                                          num_return_sequences=3, return_log_probs=True))
+        samples = [sched.submit(sources[2], GenerationParams(max_new, strategy=Strategy.SAMPLE, temperature=1.5,
+                                                             top_k=20, top_p=0.9, seed=7, num_return_sequences=2))
+                   for _ in range(2)]
+        cold = sched.submit(sources[3], GenerationParams(max_new, strategy=Strategy.SAMPLE, temperature=0.0, seed=1))
+        plain = [sched.submit(s, greedy(max_new)) for s in sources[:4]]
+        greedy_out = [h.future.result(timeout=60).sequences[0].token_ids for h in plain]
+        assert one_beam.future.result(timeout=60).sequences[0].token_ids == greedy_out[0]
+        result = beams.future.result(timeout=60)
+        scores = [s.score for s in result.sequences]
+        assert len(result.sequences) == 3 and scores == sorted(scores, reverse=True)
+        assert len({tuple(s.token_ids) for s in result.sequences}) == 3
+        assert all(len(s.log_probs) >= len(s.token_ids) for s in result.sequences)
+        a, b = (h.future.result(timeout=60) for h in samples)
+        assert [s.token_ids for s in a.sequences] == [s.token_ids for s in b.sequences]  # same seed, same output
+        assert cold.future.result(timeout=60).sequences[0].token_ids == greedy_out[3]
+    finally:
+        sched.stop()
