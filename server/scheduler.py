@@ -86,6 +86,7 @@ class _Request:
     sequences: list[_Sequence] = field(default_factory=list)
     beam: BeamSearch | None = None
     rng: np.random.Generator | None = None
+    fast: bool = False  # plain greedy with nothing extra to record: the step's fast path
     done: bool = False
 
 
@@ -104,9 +105,12 @@ class Scheduler:
         self._closed = False
         self._stopping = False
         self._thread: threading.Thread | None = None
-        # The running batch; row i belongs to self._rows[i] = (request, sequence index).
+        # The running batch. Each active request owns params.rows consecutive rows, in the order
+        # of self._active; self._min_new holds every row's min_new_tokens.
         self._batch: DecodeBatch | None = None
-        self._rows: list[tuple[_Request, int]] = []
+        self._active: list[_Request] = []
+        self._row_count = 0
+        self._min_new = np.zeros(0, dtype=np.int64)
         self._idle = threading.Event()
         self._idle.set()
 
@@ -121,6 +125,12 @@ class Scheduler:
     def submit(self, source_ids: list[int], params: GenerationParams, *, deadline: float | None = None,
                on_token: TokenCallback | None = None) -> RequestHandle:
         """Queue a request; Overloaded at once when the wait queue is full, Unavailable when closed."""
+        # The service validates requests with friendlier messages; these guard the graphs'
+        # position table, which an out-of-range position would crash for the whole batch.
+        if not 1 <= params.max_new_tokens <= self.config.max_target_len:
+            raise errors.InvalidRequest("max_new_tokens", f"must be in [1, {self.config.max_target_len}]")
+        if not 1 <= len(source_ids) <= self.config.max_source_len:
+            raise errors.InvalidRequest("input", f"must have 1 to {self.config.max_source_len} tokens")
         if params.rows > self.max_batch_size:
             raise errors.InvalidRequest("num_beams", f"needs {params.rows} rows; max_batch_size is {self.max_batch_size}")
         handle = RequestHandle()
@@ -155,10 +165,10 @@ class Scheduler:
             self._lock.notify()
         if self._thread is not None:
             self._thread.join()
-        for request in [*self._waiting, *(r for r, _ in self._rows)]:
+        for request in [*self._waiting, *self._active]:
             self._fail(request, errors.Unavailable("server stopped before the request finished"))
         self._waiting.clear()
-        self._rows, self._batch = [], None
+        self._clear_batch()
 
     @property
     def queue_depth(self) -> int:
@@ -166,29 +176,39 @@ class Scheduler:
 
     @property
     def active_rows(self) -> int:
-        return len(self._rows)
+        return self._row_count
 
     # -- the worker --------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._waiting and not self._rows and not self._stopping:
+                while not self._waiting and not self._active and not self._stopping:
                     self._idle.set()
                     self._lock.wait()
                 if self._stopping:
                     return
             try:
+                # One iteration = one step boundary; what the observer gets as the step's time is
+                # the whole iteration minus the encoder pass, so Python's share is honest.
+                start = time.perf_counter()
                 self._drop_finished()
-                self._admit()
-                if self._rows:
-                    self._step()
-                self._drop_finished()
+                encoder_seconds = self._admit()
+                if self._active:
+                    rows = self._row_count
+                    run_seconds = self._step()
+                    self._drop_finished()
+                    if self.observer:
+                        self.observer.on_step(rows, time.perf_counter() - start - encoder_seconds, run_seconds)
             except Exception as exc:  # a bug, or the engine failing: fail the batch, keep serving
                 log.exception("decoding step failed")
-                for request, _ in self._rows:
+                for request in self._active:
                     self._fail(request, errors.ServingError(f"decoding failed: {type(exc).__name__}: {exc}"))
-                self._rows, self._batch = [], None
+                self._clear_batch()
+
+    def _clear_batch(self) -> None:
+        self._active, self._batch, self._row_count = [], None, 0
+        self._min_new = np.zeros(0, dtype=np.int64)
 
     def _expired(self, request: _Request, now: float) -> errors.ServingError | None:
         if request.handle.cancel_requested:
@@ -197,9 +217,12 @@ class Scheduler:
             return errors.DeadlineExceeded("deadline passed before the request finished")
         return None
 
-    def _admit(self) -> None:
-        """Move waiting requests into the batch while rows are free: one encoder pass for all."""
-        free = self.max_batch_size - len(self._rows)
+    def _admit(self) -> float:
+        """Move waiting requests into the batch while rows are free: one encoder pass for all.
+
+        Returns the seconds spent in the encoder.
+        """
+        free = self.max_batch_size - self._row_count
         admitted: list[_Request] = []
         now = time.monotonic()
         with self._lock:
@@ -215,7 +238,7 @@ class Scheduler:
         if self.observer:
             self.observer.on_queue_depth(depth)
         if not admitted:
-            return
+            return 0.0
         start = time.perf_counter()
         ids, mask = pad_batch([r.source_ids for r in admitted], self.config.pad_id)
         cross_key, cross_value = self.engine.encode(ids, mask)
@@ -240,41 +263,56 @@ class Scheduler:
                 request.sequences = [_Sequence() for _ in range(params.rows)]
             if params.strategy is Strategy.SAMPLE:
                 request.rng = np.random.default_rng(params.seed)
-            self._rows += [(request, i) for i in range(params.rows)]
+            request.fast = (params.strategy is Strategy.GREEDY and request.on_token is None
+                            and not params.return_log_probs and not params.return_alignments
+                            and not params.stop_token_ids)
+            self._active.append(request)
+        self._row_count += int(repeats.sum())
+        self._min_new = np.concatenate([self._min_new, np.repeat([r.params.min_new_tokens for r in admitted], repeats)])
         if self._batch is None:
             self._batch = new
         else:
             self._batch.concatenate(new)
+        return seconds
 
-    def _step(self) -> None:
-        """One decoder step for all rows, then each row's choice of token."""
+    def _step(self) -> float:
+        """One decoder step for all rows, then each row's choice of token; returns seconds in the engine."""
         assert self._batch is not None
-        start = time.perf_counter()
         logits, alignment, run_seconds = self._batch.step(self.engine)
-        rows = len(self._rows)
-        next_tokens = self._choose(logits, alignment)
-        self._batch.tokens = next_tokens
-        if self.observer:
-            self.observer.on_step(rows, time.perf_counter() - start, run_seconds)
+        self._batch.tokens = self._choose(logits, alignment)
+        return run_seconds
 
     def _choose(self, logits: np.ndarray, alignment: np.ndarray) -> np.ndarray:
         """Pick every row's next token and record it; returns the decoder's next inputs (R,)."""
-        cfg = self.config
-        rows = self._rows
-        # EOS is forbidden to rows still under their min_new_tokens.
-        lengths = np.fromiter((len(r.sequences[i].tokens) if r.beam is None else len(r.beam.tokens[0])
-                               for r, i in rows), dtype=np.int64, count=len(rows))
-        minimum = np.fromiter((r.params.min_new_tokens for r, _ in rows), dtype=np.int64, count=len(rows))
-        if (lengths < minimum).any():
+        assert self._batch is not None
+        eos = self.config.eos_id
+        generated = self._batch.positions - 1  # tokens each row had before this step
+        under_min = generated < self._min_new
+        if under_min.any():  # EOS is forbidden to rows still under their min_new_tokens
             logits = logits.copy()
-            logits[lengths < minimum, cfg.eos_id] = -np.inf
+            logits[under_min, eos] = -np.inf
         next_tokens = logits.argmax(axis=-1)  # greedy for everyone; other strategies overwrite theirs
+        chosen = next_tokens.tolist()
         now = time.monotonic()
         reorder: np.ndarray | None = None
         row = 0
-        while row < len(rows):
-            request, _ = rows[row]
+        for request in self._active:
             params = request.params
+            if request.fast:  # the common case, kept cheap: Python time per step counts
+                token = chosen[row]
+                seq = request.sequences[0]
+                if request.first_token == 0.0:
+                    request.first_token = now
+                if token == eos:
+                    seq.finish = FinishReason.EOS
+                else:
+                    seq.tokens.append(token)
+                    if len(seq.tokens) >= params.max_new_tokens:
+                        seq.finish = FinishReason.LENGTH
+                if seq.finish is not None:
+                    self._succeed(request, [self._sequence_result(request, seq)])
+                row += 1
+                continue
             n = params.rows
             span = slice(row, row + n)
             if params.strategy is Strategy.SAMPLE:
@@ -287,7 +325,7 @@ class Scheduler:
                 next_tokens[span] = tokens
                 if not np.array_equal(sources, np.arange(n)):
                     if reorder is None:
-                        reorder = np.arange(len(rows))
+                        reorder = np.arange(len(next_tokens))
                     reorder[span] = row + sources
                 if request.first_token == 0.0:
                     request.first_token = now
@@ -301,7 +339,6 @@ class Scheduler:
                                alignment[row + i] if params.return_alignments else None, now)
             row += n
         if reorder is not None:
-            assert self._batch is not None
             self._batch.reorder(reorder)
         return next_tokens.astype(np.int64)
 
@@ -385,20 +422,22 @@ class Scheduler:
 
     def _drop_finished(self) -> None:
         """Remove the rows of finished, cancelled and expired requests from the batch."""
-        if not self._rows:
+        if not self._active:
             return
         now = time.monotonic()
-        for request in {id(r): r for r, _ in self._rows}.values():
+        for request in self._active:
             if not request.done:
                 error = self._expired(request, now)
                 if error is not None:
                     self._fail(request, error)
-        keep = np.fromiter((not r.done for r, _ in self._rows), dtype=bool, count=len(self._rows))
-        if keep.all():
+        if not any(r.done for r in self._active):
             return
-        self._rows = [pair for pair, k in zip(self._rows, keep) if k]
-        if self._rows:
-            assert self._batch is not None
-            self._batch.filter(keep)
-        else:
-            self._batch = None
+        keep = np.repeat([not r.done for r in self._active], [r.params.rows for r in self._active])
+        self._active = [r for r in self._active if not r.done]
+        if not self._active:
+            self._clear_batch()
+            return
+        assert self._batch is not None
+        self._batch.filter(keep)
+        self._min_new = self._min_new[keep]
+        self._row_count = len(self._min_new)
