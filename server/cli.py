@@ -14,6 +14,7 @@ COMMANDS = {
     "train": ("seqserve.model.train", "train a model on a built-in task or a TSV corpus"),
     "export": ("seqserve.export.cli", "export a checkpoint to a verified ONNX model directory"),
     "translate": ("seqserve.server.translate", "decode inputs with an exported model directory"),
+    "serve": ("seqserve.server.main", "serve a model directory over gRPC (health, reflection, metrics)"),
 }
 
 
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seqserve: unknown command {name!r}\n{usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The exporter's libraries narrate every graph rewrite at INFO; only their warnings matter here.
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         module = importlib.import_module(COMMANDS[name][0])
     except ModuleNotFoundError as exc:
