@@ -14,6 +14,7 @@ COMMANDS = {
     "train": ("seqserve.model.train", "train a model on a built-in task or a TSV corpus"),
     "export": ("seqserve.export.cli", "export a checkpoint to a verified ONNX model directory"),
     "translate": ("seqserve.server.translate", "decode inputs with an exported model directory"),
+    "bench": ("seqserve.server.bench", "measure decoding speed in-process (optionally beside the peer engines)"),
     "serve": ("seqserve.server.main", "serve a model directory over gRPC (health, reflection, metrics)"),
 }
 
