@@ -20,7 +20,7 @@ from seqserve.export.graphs import OPSET, export_graphs
 from seqserve.export.model_dir import graph_entry, open_model_dir, write_config_json
 from seqserve.export.verify import verify
 from seqserve.model.checkpoint import Checkpoint
-from seqserve.model.data import decode, encode_source, encode_target
+from seqserve.model.data import Pair, decode, encode_source, encode_target
 from seqserve.model.errors import ExportError
 from seqserve.server.engine import OnnxSeq2Seq, greedy_generate
 
@@ -37,18 +37,21 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _exact_match(engine: OnnxSeq2Seq, tokenizer, ckpt: Checkpoint, sources: list[list[int]]) -> float:  # noqa: ANN001
-    """Share of validation pairs whose greedy output text equals the reference."""
-    outputs = greedy_generate(engine, sources, max_new_tokens=ckpt.config.max_target_len)
-    hits = sum(decode(tokenizer, out) == pair.target for out, pair in zip(outputs, ckpt.validation))
-    return hits / max(1, len(sources))
+def _exact_match(tokenizer, pairs: list[Pair], outputs: list[list[int]]) -> float:  # noqa: ANN001
+    """Share of pairs whose greedy output text equals the reference."""
+    hits = sum(decode(tokenizer, out) == pair.target for out, pair in zip(outputs, pairs, strict=True))
+    return hits / max(1, len(outputs))
 
 
-def validation_sources(ckpt: Checkpoint, tokenizer, limit: int) -> list[list[int]]:  # noqa: ANN001
-    """Token ids of up to `limit` held-out sources that fit the model's source length."""
-    cfg = ckpt.config
-    sources = [encode_source(tokenizer, p.source) for p in ckpt.validation[:limit]]
-    return [s for s in sources if len(s) <= cfg.max_source_len]
+def validation_sources(ckpt: Checkpoint, tokenizer, limit: int) -> tuple[list[Pair], list[list[int]]]:  # noqa: ANN001
+    """Up to `limit` held-out pairs that fit the model's source length, and their source ids."""
+    pairs, sources = [], []
+    for pair in ckpt.validation[:limit]:
+        ids = encode_source(tokenizer, pair.source)
+        if len(ids) <= ckpt.config.max_source_len:
+            pairs.append(pair)
+            sources.append(ids)
+    return pairs, sources
 
 
 def export_model_dir(ckpt: Checkpoint, out: Path, *, quantize: str | None = None, force: bool = False,
@@ -62,7 +65,7 @@ def export_model_dir(ckpt: Checkpoint, out: Path, *, quantize: str | None = None
     out.parent.mkdir(parents=True, exist_ok=True)
     model = ckpt.build_model()
     tokenizer = ckpt.tokenizer()
-    sources = validation_sources(ckpt, tokenizer, samples)
+    pairs, sources = validation_sources(ckpt, tokenizer, samples)
     max_new = min(ckpt.config.max_target_len,
                   max((len(encode_target(tokenizer, p.target)) for p in ckpt.validation[:samples]), default=0) + 8)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -90,15 +93,14 @@ def export_model_dir(ckpt: Checkpoint, out: Path, *, quantize: str | None = None
 
         write_meta()
         engine = OnnxSeq2Seq(open_model_dir(tmp), device="cpu")
-        report = verify(model, engine, sources, max_new_tokens=max_new)
+        report, fp32_outputs = verify(model, engine, sources, max_new_tokens=max_new)
         meta["parity"] = report.as_dict()
         log.info("parity: %s", report.as_dict())
-        if ckpt.validation and sources:
-            meta["validation"] = {"inputs": len(sources), "onnx_exact_match": _exact_match(engine, tokenizer, ckpt, sources)}
+        if sources:
+            meta["validation"] = {"inputs": len(sources), "onnx_exact_match": _exact_match(tokenizer, pairs, fp32_outputs)}
         if quantize == "int8":
             from seqserve.export.quantize import quantize_graph
 
-            fp32_outputs = greedy_generate(engine, sources, max_new_tokens=max_new) if sources else []
             del engine
             quantize_graph(encoder_path)
             quantize_graph(decoder_path)
@@ -107,9 +109,9 @@ def export_model_dir(ckpt: Checkpoint, out: Path, *, quantize: str | None = None
             int8_outputs = greedy_generate(engine, sources, max_new_tokens=max_new) if sources else []
             agree = sum(a == b for a, b in zip(fp32_outputs, int8_outputs)) / max(1, len(sources))
             meta["quantization_report"] = {"greedy_agreement_with_fp32": agree}
-            if ckpt.validation and sources:
+            if sources:
                 meta["quantization_report"]["fp32_exact_match"] = meta["validation"]["onnx_exact_match"]
-                meta["quantization_report"]["int8_exact_match"] = _exact_match(engine, tokenizer, ckpt, sources)
+                meta["quantization_report"]["int8_exact_match"] = _exact_match(tokenizer, pairs, int8_outputs)
         write_meta()
         open_model_dir(tmp)  # the directory as a server will see it
         if out.exists():

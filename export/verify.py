@@ -73,25 +73,27 @@ def check_numeric_parity(model: Transformer, engine: OnnxSeq2Seq, *, tolerance: 
 
 
 def check_greedy_parity(model: Transformer, engine: OnnxSeq2Seq, sources: Sequence[Sequence[int]], *,
-                        max_new_tokens: int, batch_size: int = 64) -> int:
-    """Greedy outputs of the cached ONNX loop and of PyTorch must be token-for-token equal."""
+                        max_new_tokens: int, batch_size: int = 64) -> list[list[int]]:
+    """Greedy outputs of the cached ONNX loop and of PyTorch must be token-for-token equal; returns them."""
     mismatches: list[int] = []
+    outputs: list[list[int]] = []
     for start in range(0, len(sources), batch_size):
         chunk = sources[start:start + batch_size]
         ids, _ = pad_batch(chunk, model.cfg.pad_id)
         expected = greedy_decode(model, torch.from_numpy(ids), max_new_tokens=max_new_tokens)
         actual = greedy_generate(engine, chunk, max_new_tokens=max_new_tokens)
+        outputs += actual
         mismatches += [start + i for i, (e, a) in enumerate(zip(expected, actual)) if e != a]
     if mismatches:
         raise ParityError(f"greedy decoding, ONNX vs PyTorch: token outputs differ on {len(mismatches)}/"
                           f"{len(sources)} inputs (first: input #{mismatches[0]})",
                           max_diff=float(len(mismatches)), tolerance=0.0)
-    return len(sources)
+    return outputs
 
 
 def verify(model: Transformer, engine: OnnxSeq2Seq, sources: Sequence[Sequence[int]], *,
-           max_new_tokens: int) -> ParityReport:
-    """Run both checks; raises ParityError on the first failure."""
+           max_new_tokens: int) -> tuple[ParityReport, list[list[int]]]:
+    """Run both checks (ParityError on the first failure); returns the report and the greedy outputs."""
     enc, logits, cache = check_numeric_parity(model, engine)
-    n = check_greedy_parity(model, engine, sources, max_new_tokens=max_new_tokens)
-    return ParityReport(enc, logits, cache, n)
+    outputs = check_greedy_parity(model, engine, sources, max_new_tokens=max_new_tokens)
+    return ParityReport(enc, logits, cache, len(outputs)), outputs
