@@ -47,13 +47,16 @@ class SchedulerObserver(Protocol):
 class RequestHandle:
     """The caller's side of a submitted request."""
 
-    def __init__(self) -> None:
+    def __init__(self, wake: Callable[[], None] | None = None) -> None:
         self.future: Future[RequestResult] = Future()
         self._cancelled = threading.Event()
+        self._wake = wake
 
     def cancel(self) -> None:
-        """Ask for the request's rows to leave the batch at the next step boundary."""
+        """Ask for the request's rows (or its place in the queue) to go at the next step boundary."""
         self._cancelled.set()
+        if self._wake is not None:
+            self._wake()
 
     @property
     def cancel_requested(self) -> bool:
@@ -132,12 +135,15 @@ class Scheduler:
         if not 1 <= len(source_ids) <= self.config.max_source_len:
             raise errors.InvalidRequest("input", f"must have 1 to {self.config.max_source_len} tokens")
         if params.rows > self.max_batch_size:
-            raise errors.InvalidRequest("num_beams", f"needs {params.rows} rows; max_batch_size is {self.max_batch_size}")
-        handle = RequestHandle()
+            field = "num_beams" if params.strategy is Strategy.BEAM else "num_return_sequences"
+            raise errors.InvalidRequest(field, f"needs {params.rows} rows; max_batch_size is {self.max_batch_size}")
+        handle = RequestHandle(self._wake)
         request = _Request(list(source_ids), params, deadline, on_token, handle, time.monotonic())
         with self._lock:
             if self._closed:
                 raise errors.Unavailable("server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                self._purge_waiting(time.monotonic())  # cancelled or expired requests hold no place
             if len(self._waiting) >= self.max_queue:
                 raise errors.Overloaded(f"wait queue is full ({self.max_queue} requests); retry later")
             self._waiting.append(request)
@@ -147,6 +153,22 @@ class Scheduler:
         if self.observer:
             self.observer.on_queue_depth(depth)
         return handle
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify()
+
+    def _purge_waiting(self, now: float) -> None:
+        """Fail queued requests that were cancelled or passed their deadline (lock held)."""
+        if any(self._expired(r, now) for r in self._waiting):
+            keep: deque[_Request] = deque()
+            for request in self._waiting:
+                error = self._expired(request, now)
+                if error is None:
+                    keep.append(request)
+                else:
+                    self._fail(request, error)
+            self._waiting = keep
 
     def close(self) -> None:
         """Refuse new requests; queued and running ones still finish."""
@@ -226,12 +248,9 @@ class Scheduler:
         admitted: list[_Request] = []
         now = time.monotonic()
         with self._lock:
+            self._purge_waiting(now)
             while self._waiting and self._waiting[0].params.rows <= free:
                 request = self._waiting.popleft()
-                error = self._expired(request, now)
-                if error is not None:
-                    self._fail(request, error)
-                    continue
                 admitted.append(request)
                 free -= request.params.rows
             depth = len(self._waiting)
@@ -361,8 +380,10 @@ class Scheduler:
             if alignment is not None:
                 seq.alignments.append(alignment[:source_len])
             if request.on_token is not None:
-                request.on_token(TokenEvent(index, len(seq.tokens) - 1, token, log_prob,
-                                            None if alignment is None else alignment[:source_len]))
+                self._notify(request, TokenEvent(index, len(seq.tokens) - 1, token, log_prob,
+                                                 None if alignment is None else alignment[:source_len]))
+                if request.done:
+                    return
             if token in params.stop_token_ids:
                 seq.finish = FinishReason.STOP
             elif len(seq.tokens) >= params.max_new_tokens:
@@ -398,9 +419,18 @@ class Scheduler:
         if request.on_token is not None:  # beams are only final at the end: stream the best one then
             best = results[0]
             for index, token in enumerate(best.token_ids):
-                request.on_token(TokenEvent(0, index, token, best.log_probs[index] if best.log_probs else None,
-                                            best.alignments[index] if best.alignments is not None else None))
+                self._notify(request, TokenEvent(0, index, token, best.log_probs[index] if best.log_probs else None,
+                                                 best.alignments[index] if best.alignments is not None else None))
         self._succeed(request, results)
+
+    def _notify(self, request: _Request, event: TokenEvent) -> None:
+        """Hand a token to the request's callback; a callback that raises fails its own request only."""
+        assert request.on_token is not None
+        try:
+            request.on_token(event)
+        except Exception as exc:
+            log.exception("on_token callback failed")
+            self._fail(request, errors.ServingError(f"token callback failed: {type(exc).__name__}: {exc}"))
 
     def _timings(self, request: _Request) -> Timings:
         end = time.monotonic()

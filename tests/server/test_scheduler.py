@@ -256,3 +256,40 @@ def test_beam_search_and_sampling_share_the_batch(engine: OnnxSeq2Seq, sources: 
         assert cold.future.result(timeout=60).sequences[0].token_ids == greedy_out[3]
     finally:
         sched.stop()
+
+
+def test_cancelled_or_expired_queued_requests_free_their_queue_place() -> None:
+    fake = FakeEngine(step_delay=0.02)  # the running request takes ~1.8 s: far longer than the waits below
+    sched = run(Scheduler(fake, max_batch_size=1, max_queue=1))
+    try:
+        running = sched.submit([90], greedy())
+        time.sleep(0.05)
+        queued = sched.submit([3], greedy())
+        queued.cancel()
+        with pytest.raises(errors.Cancelled):
+            queued.future.result(timeout=1)  # resolved while still queued, not when it reaches the head
+        late = sched.submit([3], greedy(), deadline=time.monotonic() + 0.02)
+        time.sleep(0.05)
+        accepted = sched.submit([3], greedy())  # the expired one holds no place in the queue
+        with pytest.raises(errors.DeadlineExceeded):
+            late.future.result(timeout=1)
+        running.cancel()
+        assert accepted.future.result(timeout=5).sequences[0].token_ids == [3, 4, 5]
+    finally:
+        sched.stop()
+
+
+def test_a_failing_token_callback_fails_only_its_own_request(fake: FakeEngine) -> None:
+    sched = run(Scheduler(FakeEngine(step_delay=0.002)))
+
+    def explode(event) -> None:  # noqa: ANN001
+        raise ValueError("consumer went away")
+
+    try:
+        bad = sched.submit([6], greedy(), on_token=explode)
+        good = sched.submit([7], greedy())
+        with pytest.raises(errors.ServingError, match="callback"):
+            bad.future.result(timeout=5)
+        assert good.future.result(timeout=5).sequences[0].token_ids == expected(7)
+    finally:
+        sched.stop()

@@ -1,0 +1,179 @@
+"""The server's configuration: one frozen dataclass, built from command-line flags with `SEQSERVE_*`
+environment variables as their defaults (a flag beats its variable, which beats the built-in default).
+
+Every setting has one row in `SETTINGS` (flag, variable, type, help); `parse_args` builds the
+argparse parser from it, so a flag, its variable and its documentation cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from seqserve.model.errors import SeqserveError
+
+DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZATIONS = ("disable", "basic", "extended", "all")  # server.engine.OPTIMIZATION_LEVELS
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+ENV_PREFIX = "SEQSERVE_"
+
+
+class ConfigError(SeqserveError):
+    """A setting with a value the server cannot use; the message names the flag and the variable."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `seqserve serve` can be told (see `SETTINGS` for the flags and variables)."""
+
+    model_dir: Path  # exported model directory (config.json, tokenizer.json, encoder.onnx, decoder.onnx)
+    host: str = "[::]"  # interface to listen on ("[::]": all, IPv4 and IPv6; "127.0.0.1": this machine only)
+    port: int = 50051  # gRPC port; 0 picks a free one (logged at start)
+    metrics_port: int = 0  # Prometheus /metrics HTTP port on the same host; 0 turns metrics serving off
+    device: str = "auto"  # auto (CUDA when ONNX Runtime offers it) | cpu | cuda (fails loudly without CUDA)
+    intra_op_threads: int = 0  # ONNX Runtime threads inside one operator; 0 = one per core
+    inter_op_threads: int = 1  # ONNX Runtime threads across operators
+    optimization: str = "all"  # ONNX Runtime graph optimization level
+    max_batch_size: int = 32  # most rows (inputs, beams, samples) decoded together in one step
+    max_queue: int = 128  # most requests waiting for a batch row; beyond it RESOURCE_EXHAUSTED
+    max_inputs_per_request: int = 32  # most inputs in one Generate call
+    max_new_tokens_limit: int = 256  # largest max_new_tokens accepted (the model's max_target_len caps it too)
+    max_beams: int = 0  # largest num_beams; 0 = min(8, max_batch_size) (a beam search takes num_beams rows)
+    max_return_sequences: int = 0  # largest num_return_sequences for sampling; 0 = min(8, max_batch_size)
+    max_message_bytes: int = 1 << 20  # largest request message; beyond it RESOURCE_EXHAUSTED
+    grace_period_s: float = 20.0  # on SIGTERM/SIGINT, how long in-flight calls get to finish
+    log_format: str = "json"  # json (one object per line) | text
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        """Reject values the server cannot use, naming the flag and the variable."""
+        object.__setattr__(self, "model_dir", Path(self.model_dir))
+        for name in ("max_beams", "max_return_sequences"):  # 0: as many as fit, up to 8
+            if getattr(self, name) == 0:
+                object.__setattr__(self, name, min(8, max(1, self.max_batch_size)))
+        checks: list[tuple[str, bool, str]] = [
+            ("port", 0 <= self.port <= 65535, "must be in 0..65535"),
+            ("metrics_port", 0 <= self.metrics_port <= 65535, "must be in 0..65535 (0 = off)"),
+            ("device", self.device in DEVICES, f"must be one of {', '.join(DEVICES)}"),
+            ("intra_op_threads", self.intra_op_threads >= 0, "must be >= 0 (0 = one per core)"),
+            ("inter_op_threads", self.inter_op_threads >= 0, "must be >= 0"),
+            ("optimization", self.optimization in OPTIMIZATIONS, f"must be one of {', '.join(OPTIMIZATIONS)}"),
+            ("max_batch_size", self.max_batch_size >= 1, "must be >= 1"),
+            ("max_queue", self.max_queue >= 1, "must be >= 1"),
+            ("max_inputs_per_request", self.max_inputs_per_request >= 1, "must be >= 1"),
+            ("max_new_tokens_limit", self.max_new_tokens_limit >= 1, "must be >= 1"),
+            ("max_beams", 1 <= self.max_beams <= self.max_batch_size,
+             f"must be in 1..max_batch_size ({self.max_batch_size}): a beam search takes num_beams rows"),
+            ("max_return_sequences", 1 <= self.max_return_sequences <= self.max_batch_size,
+             f"must be in 1..max_batch_size ({self.max_batch_size}): each sample takes a row"),
+            ("max_message_bytes", 1024 <= self.max_message_bytes < 2**31, "must be in 1024..2147483647"),
+            ("grace_period_s", math.isfinite(self.grace_period_s) and self.grace_period_s >= 0, "must be >= 0"),
+            ("log_format", self.log_format in LOG_FORMATS, f"must be one of {', '.join(LOG_FORMATS)}"),
+            ("log_level", self.log_level in LOG_LEVELS, f"must be one of {', '.join(LOG_LEVELS)}"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"{name} ({setting_names(name)}) {rule}, got {getattr(self, name)!r}")
+
+    @property
+    def address(self) -> str:
+        """host:port as gRPC wants it (an IPv6 host in brackets)."""
+        host = self.host if ":" not in self.host or self.host.startswith("[") else f"[{self.host}]"
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configurable field: its flag, environment variable, parser and help."""
+
+    field: str
+    type: Callable[[str], Any]
+    help: str
+    choices: Sequence[str] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-").removesuffix("-s")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.field.upper().removesuffix("_S")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", str, "interface to listen on ('[::]' all, '127.0.0.1' this machine only)"),
+    Setting("port", int, "gRPC port; 0 picks a free one"),
+    Setting("metrics_port", int, "Prometheus /metrics HTTP port; 0 = off"),
+    Setting("device", str, "execution device (auto: CUDA when available)", DEVICES),
+    Setting("intra_op_threads", int, "ONNX Runtime intra-op threads; 0 = one per core"),
+    Setting("inter_op_threads", int, "ONNX Runtime inter-op threads"),
+    Setting("optimization", str, "ONNX Runtime graph optimization level", OPTIMIZATIONS),
+    Setting("max_batch_size", int, "most rows (inputs, beams, samples) decoded together"),
+    Setting("max_queue", int, "most requests waiting for a row; beyond it RESOURCE_EXHAUSTED"),
+    Setting("max_inputs_per_request", int, "most inputs in one Generate call"),
+    Setting("max_new_tokens_limit", int, "largest max_new_tokens a request may ask for"),
+    Setting("max_beams", int, "largest num_beams; 0 = min(8, max batch size)"),
+    Setting("max_return_sequences", int, "largest num_return_sequences for sampling; 0 = min(8, max batch size)"),
+    Setting("max_message_bytes", int, "largest request message in bytes"),
+    Setting("grace_period_s", float, "seconds in-flight calls get to finish on SIGTERM/SIGINT"),
+    Setting("log_format", str, "log lines as JSON objects or plain text", LOG_FORMATS),
+    Setting("log_level", str, "least severe level logged", LOG_LEVELS),
+)
+_BY_FIELD = {s.field: s for s in SETTINGS}
+MODEL_DIR_ENV = ENV_PREFIX + "MODEL_DIR"
+
+
+def setting_names(name: str) -> str:
+    """'--flag, SEQSERVE_VAR' for a field, for error messages."""
+    if name == "model_dir":
+        return f"MODEL_DIR, {MODEL_DIR_ENV}"
+    setting = _BY_FIELD[name]
+    return f"{setting.flag}, {setting.env}"
+
+
+def _env_value(setting: Setting, environ: Mapping[str, str]) -> Any:
+    """The setting's value from its environment variable, or None when unset or empty."""
+    raw = environ.get(setting.env, "").strip()
+    if not raw:
+        return None
+    try:
+        value = setting.type(raw)
+    except ValueError:
+        kind = {int: "an integer", float: "a number"}.get(setting.type, "a value")
+        raise ConfigError(f"{setting.env}={raw!r}: expected {kind}") from None
+    if setting.choices and value not in setting.choices:
+        raise ConfigError(f"{setting.env}={raw!r}: expected one of {', '.join(setting.choices)}")
+    return value
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The `seqserve serve` parser; defaults come from `environ` (os.environ) and then ServerConfig."""
+    environ = os.environ if environ is None else environ
+    defaults = {f.name: f.default for f in fields(ServerConfig)}
+    p = argparse.ArgumentParser(
+        prog="seqserve serve",
+        description="Serve an exported model directory over gRPC (service seqserve.v1.SeqServe, "
+                    "grpc.health.v1, reflection). Every flag also reads the environment variable shown; "
+                    "a flag beats its variable.")
+    model_dir = environ.get(MODEL_DIR_ENV) or None
+    p.add_argument("model_dir", nargs="?" if model_dir else None, default=model_dir, metavar="MODEL_DIR",
+                   help=f"model directory written by `seqserve export` (env {MODEL_DIR_ENV})")
+    for s in SETTINGS:
+        env_value = _env_value(s, environ)
+        default = defaults[s.field] if env_value is None else env_value
+        p.add_argument(s.flag, dest=s.field, type=s.type, choices=s.choices, default=default,
+                       metavar=None if s.choices else s.type.__name__.upper(),
+                       help=f"{s.help} (env {s.env}; default {default})")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Flags > SEQSERVE_* variables > defaults; a bad variable or value is a one-line ConfigError."""
+    args = build_parser(environ).parse_args(argv)
+    return ServerConfig(**vars(args))

@@ -1,0 +1,199 @@
+"""`seqserve serve MODEL_DIR`: the gRPC server's lifecycle.
+
+`create_server(config)` checks the model directory, starts the gRPC server (health NOT_SERVING),
+loads the engine and tokenizer, warms up with one real generation, then turns health to SERVING.
+`serve(config)` runs it until SIGTERM/SIGINT, then drains: health goes NOT_SERVING, new calls get
+UNAVAILABLE, calls in flight get `grace_period_s` to finish, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from seqserve.export.model_dir import ModelDir, open_model_dir
+from seqserve.model.data import encode_source, load_tokenizer
+from seqserve.model.errors import SeqserveError
+from seqserve.server.config import ServerConfig, parse_args
+from seqserve.server.engine import OnnxSeq2Seq
+from seqserve.server.generation import GenerationParams
+from seqserve.server.metrics import Metrics
+from seqserve.server.scheduler import Scheduler
+from seqserve.server.service import SERVICE_NAME, Backend, SeqServeService, add_to_server, watch
+from seqserve.server.validation import Validator
+
+log = logging.getLogger(__name__)
+
+HEALTH_SERVICES = ("", SERVICE_NAME)  # "" is the whole server
+WARMUP_TEXT = "warm up"
+FLUSH_S = 1.0  # after draining: time for the last responses to go out before the server stops
+
+
+class SeqServeServer:
+    """A started server: gRPC (SeqServe, health, reflection), the scheduler, metrics."""
+
+    def __init__(self, config: ServerConfig, grpc_server: grpc.aio.Server, service: SeqServeService,
+                 health: health_aio.HealthServicer, metrics: Metrics, port: int) -> None:
+        self.config = config
+        self.grpc_server = grpc_server
+        self.service = service
+        self.health = health
+        self.metrics = metrics
+        self.port = port
+        self.metrics_port = 0
+        self.scheduler: Scheduler | None = None
+
+    async def load(self, model_dir: ModelDir) -> None:
+        """Engine and tokenizer (off the event loop), the scheduler, a warm-up generation, then SERVING."""
+        config = self.config
+        engine, tokenizer = await asyncio.to_thread(
+            lambda: (OnnxSeq2Seq(model_dir, device=config.device, intra_op_threads=config.intra_op_threads,  # type: ignore[arg-type]
+                                 inter_op_threads=config.inter_op_threads, optimization=config.optimization),
+                     load_tokenizer(model_dir.tokenizer_path)))
+        self.scheduler = Scheduler(engine, max_batch_size=config.max_batch_size, max_queue=config.max_queue,
+                                   observer=self.metrics)
+        self.scheduler.start()
+        # One real generation: ONNX Runtime allocates and picks kernels on its first runs.
+        handle = self.scheduler.submit(encode_source(tokenizer, WARMUP_TEXT)[: model_dir.config.max_source_len],
+                                       GenerationParams(max_new_tokens=min(4, model_dir.config.max_target_len)))
+        await watch(handle, asyncio.get_running_loop())
+        self.service.set_backend(Backend(self.scheduler, tokenizer, Validator(tokenizer, model_dir.config, config),
+                                         model_dir, list(engine.providers)))
+        for name in HEALTH_SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("model %s (version %s) on %s", model_dir.path, model_dir.version, ", ".join(engine.providers))
+
+    async def drain(self, grace: float) -> bool:
+        """Graceful shutdown; returns True when every call in flight finished within `grace` seconds."""
+        started = time.monotonic()
+        await self.health.enter_graceful_shutdown()  # NOT_SERVING for every service, for good
+        self.service.start_draining()
+        if self.scheduler is not None:
+            self.scheduler.close()
+        finished = await self.service.wait_idle(grace)
+        # What is left are the last responses on their way out and long-lived calls such as health
+        # watchers (which have seen NOT_SERVING): a short flush, not the rest of the grace period.
+        await self.stop(min(FLUSH_S, max(0.0, grace - (time.monotonic() - started))))
+        return finished
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop now (calls still running after `grace` seconds are cancelled), then the worker and metrics."""
+        await self.grpc_server.stop(grace)
+        if self.scheduler is not None:
+            await asyncio.to_thread(self.scheduler.stop)
+        self.metrics.close()
+
+
+async def create_server(config: ServerConfig) -> tuple[SeqServeServer, int]:
+    """Check the model directory, start serving (NOT_SERVING), load and warm up (SERVING).
+
+    Returns the server and its bound port (the free one picked when `config.port` is 0). A model
+    directory with a missing or altered file is a ModelDirError before anything listens.
+    """
+    model_dir = await asyncio.to_thread(open_model_dir, config.model_dir)  # sha256 of both graphs
+    metrics = Metrics()
+    service = SeqServeService(config, metrics)
+    health = health_aio.HealthServicer()
+    for name in HEALTH_SERVICES:
+        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    grpc_server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),  # a port already in use is an error, not a silently shared port
+    ])
+    add_to_server(service, grpc_server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        grpc_server)
+    try:
+        port = grpc_server.add_insecure_port(config.address)
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise SeqserveError(f"cannot listen on {config.address} (port in use, or not allowed)")
+    await grpc_server.start()
+    server = SeqServeServer(config, grpc_server, service, health, metrics, port)
+    try:
+        await server.load(model_dir)
+        if config.metrics_port:
+            try:
+                server.metrics_port = metrics.serve(config.host, config.metrics_port)
+            except OSError as exc:
+                raise SeqserveError(f"cannot serve metrics on port {config.metrics_port}: {exc.strerror or exc}") from None
+    except BaseException:
+        await server.stop(0)
+        raise
+    return server, port
+
+
+async def serve(config: ServerConfig) -> int:
+    """Serve until SIGTERM or SIGINT, then drain within the grace period; returns the exit status."""
+    started = time.monotonic()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server, port = await create_server(config)
+    log.info("serving on %s:%d", config.host, port, extra={"fields": {
+        "event": "serving", "host": config.host, "port": port, "metrics_port": server.metrics_port,
+        "startup_s": round(time.monotonic() - started, 3)}})
+    await stop.wait()
+    log.info("draining: %d calls in flight, grace period %.1f s", server.service.in_flight, config.grace_period_s,
+             extra={"fields": {"event": "draining", "in_flight": server.service.in_flight}})
+    finished = await server.drain(config.grace_period_s)
+    log.info("stopped", extra={"fields": {"event": "stopped", "drained": finished}})
+    return 0
+
+
+# -- logging --------------------------------------------------------------------------------
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the record's `fields`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+               "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        out.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """Plain lines, with the record's `fields` as key=value pairs."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", None)
+        line = super().format(record)
+        return line + "".join(f" {k}={v}" for k, v in fields.items()) if fields else line
+
+
+def configure_logging(log_format: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`seqserve serve`: configuration errors and bad model directories are one-line SeqserveErrors."""
+    config = parse_args(argv)
+    configure_logging(config.log_format, config.log_level)
+    return asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,391 @@
+"""The gRPC servicer of `seqserve.v1.SeqServe` (grpc.aio): protobuf in and out, validation, nothing else.
+
+Requests are checked (`validation`), handed to the scheduler, and their results turned back into
+protobuf. Domain errors (`errors.ServingError`) become their status codes; a bug becomes INTERNAL
+with the request id, never a user's fault. A client's deadline becomes the scheduler's deadline, and
+a client that cancels (or disconnects) has its rows dropped from the batch at the next step.
+
+The scheduler's worker thread talks to the event loop only through `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import tokenizers
+from google.protobuf.message import DecodeError
+
+from seqserve.export.model_dir import ModelDir
+from seqserve.model.data import decode
+from seqserve.proto import seqserve_pb2 as pb
+from seqserve.proto import seqserve_pb2_grpc as pb_grpc
+from seqserve.server import errors
+from seqserve.server.config import ServerConfig
+from seqserve.server.generation import FinishReason, RequestResult, Strategy, TokenEvent
+from seqserve.server.metrics import Metrics
+from seqserve.server.scheduler import RequestHandle, Scheduler
+from seqserve.server.validation import ValidInput, Validator
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SeqServe"].full_name  # "seqserve.v1.SeqServe"
+MAX_REQUEST_ID = 128  # characters; the id goes into every log line of the request
+
+log = logging.getLogger(__name__)
+request_log = logging.getLogger("seqserve.requests")
+
+_FINISH_REASONS = {
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+
+
+@dataclass
+class Backend:
+    """The loaded model, as the service uses it."""
+
+    scheduler: Scheduler
+    tokenizer: tokenizers.Tokenizer
+    validator: Validator
+    model_dir: ModelDir
+    providers: list[str]
+
+
+@dataclass
+class _Call:
+    """One RPC's record for the request log and the metrics."""
+
+    method: str
+    id: str
+    peer: str
+    start: float = field(default_factory=time.monotonic)
+    code: grpc.StatusCode = grpc.StatusCode.CANCELLED  # until it ends otherwise
+    error: str = ""
+    inputs: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    results: list[RequestResult] = field(default_factory=list)
+
+    def log_fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"event": "request", "request_id": self.id, "method": self.method,
+                               "status": self.code.name, "peer": self.peer, "inputs": self.inputs,
+                               "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                               "total_ms": round((time.monotonic() - self.start) * 1e3, 3)}
+        if self.results:  # the slowest input's queue and decode time, the first token of any input
+            timings = [r.timings for r in self.results]
+            out["queue_ms"] = round(max(t.queue for t in timings) * 1e3, 3)
+            out["encoder_ms"] = round(max(t.encoder for t in timings) * 1e3, 3)
+            out["decode_ms"] = round(max(t.decode for t in timings) * 1e3, 3)
+            out["first_token_ms"] = round(min(t.first_token for t in timings) * 1e3, 3)
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+class _TextStream:
+    """Turns one sequence's tokens into text pieces that concatenate to its decoded text.
+
+    Each piece is the growth of the decoding of all tokens so far; text that a later token may still
+    change (a trailing replacement character of an incomplete byte sequence) is held back.
+    """
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = ""
+        self.last_time: float | None = None
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = decode(self.tokenizer, self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+
+def watch(handle: RequestHandle, loop: asyncio.AbstractEventLoop) -> asyncio.Future[RequestResult]:
+    """An event-loop future mirroring the scheduler's concurrent future.
+
+    Not `asyncio.wrap_future`: cancelling that one would cancel the scheduler's future from this
+    side; here a cancelled waiter only stops listening, and `handle.cancel()` asks the worker.
+    """
+    waiter: asyncio.Future[RequestResult] = loop.create_future()
+
+    def settle(source: Any) -> None:
+        if waiter.done():
+            return
+        if source.cancelled():
+            waiter.set_exception(errors.Cancelled("request cancelled"))
+        elif source.exception() is not None:
+            waiter.set_exception(source.exception())
+        else:
+            waiter.set_result(source.result())
+
+    def relay(source: Any) -> None:  # runs on the worker thread
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            loop.call_soon_threadsafe(settle, source)
+
+    handle.future.add_done_callback(relay)
+    return waiter
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A request whose bytes did not parse: the handler answers INVALID_ARGUMENT."""
+
+    message_type: str
+    reason: str
+    request_id: str = ""
+
+
+def _lenient_parser(message_class: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return Malformed(message_class.DESCRIPTOR.full_name, str(exc))
+
+    return parse
+
+
+def add_to_server(service: SeqServeService, server: grpc.aio.Server) -> None:
+    """Register the service as the generated `add_SeqServeServicer_to_server` does, except that a
+    request that does not parse (bad UTF-8 in a string, say) gets INVALID_ARGUMENT; gRPC's own
+    answer would be UNKNOWN, with a traceback in the server's log."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["SeqServe"].methods:
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(getattr(service, method.name),
+                                     request_deserializer=_lenient_parser(getattr(pb, method.input_type.name)),
+                                     response_serializer=getattr(pb, method.output_type.name).SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The client's deadline as a time.monotonic() value, or None without one."""
+    remaining = context.time_remaining()
+    if remaining is None or not math.isfinite(remaining) or remaining > 1e9:
+        return None
+    return time.monotonic() + max(0.0, remaining)
+
+
+class SeqServeService(pb_grpc.SeqServeServicer):
+    """Generate, GenerateStream and GetModelInfo over a `Backend` (UNAVAILABLE until it is set)."""
+
+    def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.backend: Backend | None = None  # set once the model is loaded and warmed up
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def set_backend(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def start_draining(self) -> None:
+        """From now on every new call gets UNAVAILABLE; calls in flight go on."""
+        self.draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True once no call is in flight (within timeout seconds)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    # -- RPCs -------------------------------------------------------------------------------
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        async with self._rpc("Generate", request.request_id, context) as call:
+            backend = self._ready(request)
+            items = backend.validator.generate_request(request)
+            call.inputs, call.input_tokens = len(items), sum(len(i.source_ids) for i in items)
+            results = await self._run_all(backend, items, _deadline(context))
+            self._account(call, results, streamed=False)
+            return pb.GenerateResponse(
+                results=[self._input_result(backend, item, result) for item, result in zip(items, results)],
+                request_id=call.id, model_version=backend.model_dir.version)
+        raise AssertionError("unreachable: _rpc aborts on every error")  # for type checkers
+
+    async def GenerateStream(self, request: pb.GenerateStreamRequest,
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateStreamResponse]:
+        async with self._rpc("GenerateStream", request.request_id, context) as call:
+            backend = self._ready(request)
+            item = backend.validator.stream_request(request)
+            call.inputs, call.input_tokens = 1, len(item.source_ids)
+            loop = asyncio.get_running_loop()
+            events: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
+
+            def on_token(event: TokenEvent) -> None:  # worker thread: hand over, nothing more
+                with contextlib.suppress(RuntimeError):  # the loop is closed
+                    loop.call_soon_threadsafe(events.put_nowait, event)
+
+            handle = backend.scheduler.submit(item.source_ids, item.params, deadline=_deadline(context),
+                                              on_token=on_token)
+            done = watch(handle, loop)
+            # Queued behind every token the worker handed over before it finished the request.
+            done.add_done_callback(lambda _: events.put_nowait(None))
+            try:
+                texts: dict[int, _TextStream] = {}
+                beam = item.params.strategy is Strategy.BEAM
+                while (event := await events.get()) is not None:
+                    text = texts.setdefault(event.sequence, _TextStream(backend.tokenizer))
+                    now = time.monotonic()
+                    if text.last_time is not None and not beam:  # a beam's tokens all come at its end
+                        self.metrics.on_token_gap(now - text.last_time)
+                    text.last_time = now
+                    piece = pb.TokenPiece(sequence=event.sequence, index=event.index, token_id=event.token_id,
+                                          text=text.push(event.token_id))
+                    if event.log_prob is not None:
+                        piece.log_prob = event.log_prob
+                    if event.alignment is not None:
+                        piece.alignment.extend(event.alignment.tolist())
+                    yield pb.GenerateStreamResponse(token=piece)
+                result = done.result()
+            finally:
+                if not handle.future.done():
+                    handle.cancel()
+                if not done.done():
+                    done.cancel()
+            self._account(call, [result], streamed=True)
+            yield pb.GenerateStreamResponse(result=self._input_result(backend, item, result), request_id=call.id,
+                                            model_version=backend.model_dir.version)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest,
+                           context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:
+        async with self._rpc("GetModelInfo", "", context):
+            backend = self._ready(request)
+            return self._model_info(backend)
+        raise AssertionError("unreachable: _rpc aborts on every error")
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _rpc(self, method: str, request_id: str, context: grpc.aio.ServicerContext) -> AsyncIterator[_Call]:
+        """Track one RPC: in-flight count, status code, request log line, metrics; errors -> abort."""
+        call = _Call(method, request_id if 0 < len(request_id) <= MAX_REQUEST_ID else uuid.uuid4().hex[:16],
+                     context.peer() or "")
+        self._in_flight += 1
+        self._idle.clear()
+        error: errors.ServingError | None = None
+        try:
+            yield call
+            call.code = grpc.StatusCode.OK
+        except errors.ServingError as exc:
+            error = exc
+        except asyncio.CancelledError:  # the client cancelled or went away; the finally below logs it
+            raise
+        except Exception:  # a bug: keep its traceback in the log, tell the caller only the request id
+            log.exception("request %s (%s) failed", call.id, method)
+            error = errors.ServingError(f"internal error (request id {call.id})")
+        finally:
+            if error is not None:
+                call.code, call.error = error.code, str(error)
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+            self.metrics.on_rpc(method, call.code.name)
+            request_log.info("%s %s %s", method, call.id, call.code.name, extra={"fields": call.log_fields()})
+        if error is not None:
+            await context.abort(error.code, str(error), trailing_metadata=(("x-request-id", call.id),))
+
+    def _ready(self, request: Any) -> Backend:
+        """The backend for a well-formed request; UNAVAILABLE while loading or draining."""
+        if self.draining:
+            raise errors.Unavailable("server is shutting down; retry on another replica")
+        if self.backend is None:
+            raise errors.Unavailable("server is starting: the model is not loaded yet")
+        if isinstance(request, Malformed):
+            raise errors.InvalidRequest("request", f"not a valid {request.message_type}: {request.reason}")
+        request_id = getattr(request, "request_id", "")
+        if len(request_id) > MAX_REQUEST_ID:
+            raise errors.InvalidRequest("request_id", f"{len(request_id)} characters; at most {MAX_REQUEST_ID}")
+        return self.backend
+
+    async def _run_all(self, backend: Backend, items: list[ValidInput], deadline: float | None) -> list[RequestResult]:
+        """Submit every input and wait for all; any failure (or our cancellation) cancels the rest."""
+        loop = asyncio.get_running_loop()
+        handles: list[RequestHandle] = []
+        waiters: list[asyncio.Future[RequestResult]] = []
+        try:
+            for item in items:
+                handle = backend.scheduler.submit(item.source_ids, item.params, deadline=deadline)
+                handles.append(handle)
+                waiters.append(watch(handle, loop))
+            return list(await asyncio.gather(*waiters))
+        finally:
+            for handle in handles:
+                if not handle.future.done():
+                    handle.cancel()
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.cancel()
+                elif not waiter.cancelled():
+                    waiter.exception()  # retrieved: a second failure is not worth a warning
+
+    def _account(self, call: _Call, results: list[RequestResult], *, streamed: bool) -> None:
+        call.results = results
+        call.output_tokens = sum(r.output_tokens for r in results)
+        for result in results:
+            self.metrics.on_result(result, streamed=streamed)
+
+    @staticmethod
+    def _input_result(backend: Backend, item: ValidInput, result: RequestResult) -> pb.InputResult:
+        tokenizer = backend.tokenizer
+        t = result.timings
+        out = pb.InputResult(
+            usage=pb.Usage(input_tokens=result.input_tokens, output_tokens=result.output_tokens),
+            timings=pb.Timings(queue_ms=t.queue * 1e3, encoder_ms=t.encoder * 1e3, decode_ms=t.decode * 1e3,
+                               first_token_ms=t.first_token * 1e3, total_ms=t.total * 1e3),
+            truncated=item.truncated)
+        if item.params.return_alignments:
+            out.source_tokens.extend(tokenizer.id_to_token(i) or "" for i in item.source_ids)
+        for seq in result.sequences:
+            s = out.sequences.add(text=decode(tokenizer, seq.token_ids), token_ids=seq.token_ids,
+                                  finish_reason=_FINISH_REASONS[seq.finish_reason])
+            if seq.log_probs is not None:
+                s.log_probs.extend(seq.log_probs)
+            if seq.score is not None:
+                s.score = seq.score
+            if seq.alignments is not None:
+                for token, weights in zip(seq.token_ids, seq.alignments):
+                    s.alignments.add(token=tokenizer.id_to_token(token) or "", weights=weights.tolist())
+        return out
+
+    def _model_info(self, backend: Backend) -> pb.GetModelInfoResponse:
+        cfg, meta, limits = backend.model_dir.config, backend.model_dir.meta, self.config
+        return pb.GetModelInfoResponse(
+            model_version=backend.model_dir.version,
+            dims=pb.ModelDims(d_model=cfg.d_model, encoder_layers=cfg.encoder_layers,
+                              decoder_layers=cfg.decoder_layers, n_heads=cfg.n_heads, d_ff=cfg.d_ff),
+            vocab_size=cfg.vocab_size, max_source_len=cfg.max_source_len, max_target_len=cfg.max_target_len,
+            special_tokens=pb.SpecialTokens(pad_id=cfg.pad_id, bos_id=cfg.bos_id, eos_id=cfg.eos_id,
+                                            unk_id=cfg.unk_id),
+            providers=backend.providers,
+            encoder_sha256=meta["graphs"]["encoder"]["sha256"], decoder_sha256=meta["graphs"]["decoder"]["sha256"],
+            limits=pb.ServerLimits(max_batch_size=limits.max_batch_size, max_queue=limits.max_queue,
+                                   max_inputs_per_request=limits.max_inputs_per_request,
+                                   max_new_tokens_limit=limits.max_new_tokens_limit, max_beams=limits.max_beams,
+                                   max_return_sequences=limits.max_return_sequences,
+                                   max_message_bytes=limits.max_message_bytes),
+            quantization=str(meta.get("quantization") or ""))

@@ -1,0 +1,166 @@
+"""`seqserve serve` as a real process: it never loads torch, drains on SIGTERM (in-flight calls finish,
+new ones get UNAVAILABLE, exit 0), and refuses a broken model directory with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from seqserve.model.data import dates_pairs
+from seqserve.proto import seqserve_pb2 as pb
+from seqserve.proto import seqserve_pb2_grpc as pb_grpc
+
+TIMEOUT = 30.0
+SEQSERVE = [sys.executable, "-m", "seqserve.server.cli"]
+
+
+class ServeProcess:
+    """`seqserve serve` in a subprocess; its stderr (JSON log lines) is read on a thread."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([*SEQSERVE, "serve", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+            self.lines.put(line)
+
+    def wait_for_event(self, event: str, timeout: float = TIMEOUT) -> dict:
+        """The first JSON log record with this `event` field."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.1)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    pytest.fail(f"server exited with {self.proc.returncode}:\n{''.join(self.log)}")
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("event") == event:
+                return record
+        pytest.fail(f"no {event!r} log line within {timeout} s:\n{''.join(self.log)}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def serve_process() -> Iterator[Callable[..., ServeProcess]]:
+    """Starts `seqserve serve` processes; kills whichever are still running at the end."""
+    started: list[ServeProcess] = []
+
+    def start(*args: str) -> ServeProcess:
+        started.append(ServeProcess(*args))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+def test_serve_without_torch_and_sigterm_drains(model_dir: Path,
+                                                 serve_process: Callable[..., ServeProcess]) -> None:
+    # One batch row and 2 x 128 inputs of 24 forced tokens ahead of the stream: about a second of
+    # decoding on a fast machine, so all three calls are still in flight when SIGTERM is handled.
+    with socket.socket() as s:  # a free port for /metrics
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    process = serve_process(str(model_dir), "--host", "127.0.0.1", "--port", "0", "--max-batch-size", "1",
+                            "--max-queue", "512", "--max-inputs-per-request", "128", "--grace-period", "30",
+                            "--intra-op-threads", "1", "--metrics-port", str(metrics_port))
+    serving = process.wait_for_event("serving")
+    port, pid = serving["port"], process.proc.pid
+    assert serving["metrics_port"] == metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=TIMEOUT) as response:
+        steps = re.search(r"^seqserve_step_seconds_count (\S+)$", response.read().decode(), re.MULTILINE)
+    assert steps and float(steps.group(1)) >= 1  # the warm-up generation's steps
+
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert "libtorch" not in maps and "/torch/" not in maps, "the server process loaded torch"
+
+    sources = [p.source for p in dates_pairs(128, seed=99)]
+    forced = pb.GenerationOptions(min_new_tokens=24, max_new_tokens=24)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.SeqServeStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        check = health_pb2.HealthCheckRequest(service="seqserve.v1.SeqServe")
+        assert health.Check(check, timeout=TIMEOUT).status == health_pb2.HealthCheckResponse.SERVING
+        batches = [stub.Generate.future(pb.GenerateRequest(inputs=sources, options=forced), timeout=TIMEOUT)
+                   for _ in range(2)]
+        streamed = stub.GenerateStream(pb.GenerateStreamRequest(input=sources[0], options=forced), timeout=TIMEOUT)
+        messages: list[pb.GenerateStreamResponse] = []
+        reader = threading.Thread(target=lambda: messages.extend(streamed), daemon=True)
+        reader.start()
+        time.sleep(0.1)  # the calls reach the server
+        os.kill(pid, signal.SIGSTOP)  # frozen: nothing finishes between this check and SIGTERM
+        try:
+            assert not any(b.done() for b in batches) and reader.is_alive(), "calls finished before SIGTERM"
+            os.kill(pid, signal.SIGTERM)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        process.wait_for_event("draining")
+        error = pytest.raises(grpc.RpcError, stub.Generate, pb.GenerateRequest(inputs=["1 May 2000"]),
+                              timeout=TIMEOUT).value
+        assert error.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in error.details()
+        assert health.Check(check, timeout=TIMEOUT).status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        for batch in batches:  # in flight at SIGTERM: finished, not cut
+            response = batch.result(timeout=TIMEOUT)
+            assert [len(r.sequences[0].token_ids) for r in response.results] == [24] * 128
+        reader.join(TIMEOUT)
+        assert messages and messages[-1].WhichOneof("event") == "result"
+        assert len(messages[-1].result.sequences[0].token_ids) == 24 == len(messages) - 1
+
+    assert process.proc.wait(TIMEOUT) == 0
+    assert process.wait_for_event("stopped")["drained"] is True
+    # One JSON line per request, with its status and token counts.
+    requests = [json.loads(line) for line in process.log if '"event": "request"' in line]
+    statuses = sorted((r["method"], r["status"], r["inputs"]) for r in requests)
+    assert statuses == [("Generate", "OK", 128), ("Generate", "OK", 128), ("Generate", "UNAVAILABLE", 0),
+                        ("GenerateStream", "OK", 1)]
+    assert all(r["output_tokens"] == 24 * r["inputs"] and "first_token_ms" in r for r in requests if r["status"] == "OK")
+
+
+def test_bad_model_dir_refuses_to_start_with_one_line(model_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "model"
+    shutil.copytree(model_dir, broken)
+    with open(broken / "decoder.onnx", "r+b") as f:  # one flipped byte: the sha256 no longer matches
+        byte = f.read(1)
+        f.seek(0)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    missing = tmp_path / "missing"
+    shutil.copytree(model_dir, missing)
+    (missing / "tokenizer.json").unlink()
+    for path, reason in ((broken, "sha256"), (missing, "missing tokenizer.json"),
+                         (tmp_path / "nowhere", "no such model directory")):
+        result = subprocess.run([*SEQSERVE, "serve", str(path), "--port", "0"], capture_output=True, text=True,
+                                timeout=TIMEOUT)
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("seqserve serve: error:") and reason in lines[0], result.stderr
