@@ -15,6 +15,7 @@ COMMANDS = {
     "export": ("seqserve.export.cli", "export a checkpoint to a verified ONNX model directory"),
     "translate": ("seqserve.server.translate", "decode inputs with an exported model directory"),
     "bench": ("seqserve.server.bench", "measure decoding speed in-process (optionally beside the peer engines)"),
+    "bench-serve": ("seqserve.server.bench_serve", "measure the served model under streaming load (1 vs N streams)"),
     "serve": ("seqserve.server.main", "serve a model directory over gRPC (health, reflection, metrics)"),
 }
 

@@ -30,7 +30,7 @@ from seqserve.server.engine import OnnxSeq2Seq
 from seqserve.server.generation import GenerationParams
 from seqserve.server.metrics import Metrics
 from seqserve.server.scheduler import Scheduler
-from seqserve.server.service import SERVICE_NAME, Backend, SeqServeService, add_to_server, watch
+from seqserve.server.service import SERVICE_NAME, Backend, LoopMailbox, SeqServeService, add_to_server, watch
 from seqserve.server.validation import Validator
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class SeqServeServer:
         # One real generation: ONNX Runtime allocates and picks kernels on its first runs.
         handle = self.scheduler.submit(encode_source(tokenizer, WARMUP_TEXT)[: model_dir.config.max_source_len],
                                        GenerationParams(max_new_tokens=min(4, model_dir.config.max_target_len)))
-        await watch(handle, asyncio.get_running_loop())
+        await watch(handle, LoopMailbox(asyncio.get_running_loop()))
         self.service.set_backend(Backend(self.scheduler, tokenizer, Validator(tokenizer, model_dir.config, config),
                                          model_dir, list(engine.providers)))
         for name in HEALTH_SERVICES:

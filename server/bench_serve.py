@@ -1,0 +1,159 @@
+"""`seqserve bench-serve MODEL_DIR`: the served model under streaming load, measured end to end.
+
+Starts `seqserve serve` as a real process on loopback, and reports: seconds from spawn to health
+SERVING, output tokens/s with 1 and with N concurrent streams (closed loop, through the client
+library's load generator), the share of each decoder step spent in Python outside ONNX
+Runtime's `run` (from the server's own step metrics, per load level), the server's resident
+memory, and a clean exit on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(metrics_port: int) -> dict[str, float]:
+    """The server's step sums and counts from /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    out = {}
+    for name in ("seqserve_step_seconds_sum", "seqserve_step_onnx_seconds_sum", "seqserve_step_seconds_count",
+                 "seqserve_batch_rows_sum"):
+        match = re.search(rf"^{name} (\S+)$", text, re.M)
+        out[name] = float(match.group(1)) if match else 0.0
+    return out
+
+
+def rss_mb(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process, in MB."""
+    fields = {line.split(":")[0]: int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+              if line.startswith(("VmRSS", "VmHWM"))}
+    return fields["VmRSS"] // 1024, fields["VmHWM"] // 1024
+
+
+def wait_serving(port: int, proc: subprocess.Popen, timeout: float) -> float:
+    """Seconds until the health service says SERVING (polled every 10 ms)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    start = time.monotonic()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() - start < timeout:
+            if proc.poll() is not None:
+                raise SystemExit(f"seqserve bench-serve: the server exited with {proc.returncode}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status == health_pb2.HealthCheckResponse.SERVING:
+                    return time.monotonic() - start
+            except grpc.RpcError:
+                pass
+            time.sleep(0.01)
+    raise SystemExit(f"seqserve bench-serve: not SERVING after {timeout} s")
+
+
+async def measure_levels(port: int, metrics_port: int, levels: list[int], duration: float, warmup: float,
+                         max_new_tokens: int) -> list[dict[str, Any]]:
+    from seqserve.client.aio import AsyncClient
+    from seqserve.client.loadgen import LoadSpec, run_load, warm_up
+    from seqserve.client.loadreport import summarize
+    from seqserve.model.data import dates_pairs
+
+    texts = [p.source for p in dates_pairs(500, seed=123)]
+    # Exactly max_new_tokens per request, so every level decodes the same work per request.
+    options = {"max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens}
+    rows = []
+    async with AsyncClient(f"127.0.0.1:{port}") as client:
+        for level in levels:
+            spec = LoadSpec(mode="closed", concurrency=level, stream=True, duration_s=duration)
+            await warm_up(client, texts, spec, options, warmup)
+            before = scrape(metrics_port)
+            report = summarize(await run_load(client, texts, spec, options))
+            after = scrape(metrics_port)
+            step = after["seqserve_step_seconds_sum"] - before["seqserve_step_seconds_sum"]
+            onnx = after["seqserve_step_onnx_seconds_sum"] - before["seqserve_step_onnx_seconds_sum"]
+            steps = after["seqserve_step_seconds_count"] - before["seqserve_step_seconds_count"]
+            rows.append({
+                "streams": level, "output_tokens_per_s": round(report.output_tokens_per_s, 1),
+                "requests": report.sent, "failed": report.failed,
+                "ttft_p50_ms": round(report.ttft_ms.p50, 2) if report.ttft_ms else None,
+                "itl_p50_ms": round(report.itl_ms.p50, 2) if report.itl_ms else None,
+                "mean_rows_per_step": round((after["seqserve_batch_rows_sum"] - before["seqserve_batch_rows_sum"])
+                                            / steps, 1) if steps else None,
+                "step_ms": round(1e3 * step / steps, 3) if steps else None,
+                "python_share": round(1 - onnx / step, 3) if step else None,
+            })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="seqserve bench-serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", help="model directory to serve (e.g. runs/dates-model from `make demo`)")
+    p.add_argument("--streams", default="1,32", help="concurrent streams per level, comma-separated (default 1,32)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per level (default 10)")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per level (default 2)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens per request, exactly (default 16)")
+    p.add_argument("--threads", type=int, default=0, help="server's ONNX Runtime intra-op threads (default all cores)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="server's max batch size (default 32)")
+    p.add_argument("--json", type=Path, help="also write the report here")
+    args = p.parse_args(argv)
+    levels = [int(x) for x in args.streams.split(",")]
+    port, metrics_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "seqserve.server.cli", "serve", args.model_dir, "--host", "127.0.0.1",
+           "--port", str(port), "--metrics-port", str(metrics_port), "--intra-op-threads", str(args.threads),
+           "--max-batch-size", str(args.max_batch_size), "--max-queue", str(max(128, 2 * max(levels))),
+           "--log-level", "warning"]
+    spawned = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_serving(port, proc, timeout=60)
+        start_s = time.monotonic() - spawned
+        rss_ready, _ = rss_mb(proc.pid)
+        rows = asyncio.run(measure_levels(port, metrics_port, levels, args.duration, args.warmup,
+                                          args.max_new_tokens))
+        rss_now, rss_peak = rss_mb(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        exit_code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    report = {"model_dir": args.model_dir, "start_to_serving_s": round(start_s, 2), "rss_mb_ready": rss_ready,
+              "rss_mb_after_load": rss_now, "rss_mb_peak": rss_peak, "exit_code_on_sigterm": exit_code,
+              "cores": os.cpu_count(), "levels": rows}
+    if len(rows) > 1 and rows[0]["output_tokens_per_s"]:
+        report["speedup_last_vs_first"] = round(rows[-1]["output_tokens_per_s"] / rows[0]["output_tokens_per_s"], 2)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    print()
+    print("| streams | output tok/s | mean rows/step | step ms | Python share of step | TTFT p50 ms | ITL p50 ms | failed |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        share = f"{100 * r['python_share']:.0f}%" if r["python_share"] is not None else "-"
+        print(f"| {r['streams']} | {r['output_tokens_per_s']:.0f} | {r['mean_rows_per_step']} | {r['step_ms']} | {share} | "
+              f"{r['ttft_p50_ms']} | {r['itl_p50_ms']} | {r['failed']} |")
+    print(f"\nstart to SERVING {start_s:.2f} s; server RSS {rss_ready} MB ready, {rss_peak} MB peak; "
+          f"exit code on SIGTERM {exit_code}")
+    return 0 if exit_code == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
