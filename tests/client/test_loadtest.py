@@ -1,0 +1,131 @@
+"""`seqserve-loadtest` against a real server: short closed-loop, open-loop and streaming runs whose
+counts add up, well-formed table/JSON reports, a PNG plot, errors counted by status code, and runs
+that stop by themselves even when every call is slow."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from seqserve.client import AsyncClient
+from seqserve.client.loadgen import LoadSpec, RequestRecord, RunResult, run_load
+from seqserve.client.loadreport import CountMismatch, format_table, summarize
+from seqserve.client.loadtest import main, read_inputs
+
+LEVEL_KEYS = {"mode", "stream", "concurrency", "rate", "wall_s", "sent", "succeeded", "failed", "dropped", "errors",
+              "requests_per_s", "output_tokens", "output_tokens_per_s", "latency_ms", "ttft_ms", "itl_ms",
+              "max_send_lag_ms"}
+
+
+def run_main(argv: list[str]) -> tuple[int, str]:
+    out = io.StringIO()
+    return main(argv, out=out), out.getvalue()
+
+
+def test_closed_loop_sweep_json_and_plot(served, tmp_path: Path) -> None:
+    png = tmp_path / "load.png"
+    code, out = run_main(["-a", served.address, "--concurrency", "1,4", "--duration", "0.6", "--warmup", "0.2",
+                          "--json", "--plot", str(png), "-q"])
+    assert code == 0
+    report = json.loads(out)
+    assert report["meta"]["model_version"] and report["meta"]["mode"] == "closed"
+    levels = report["levels"]
+    assert [lv["concurrency"] for lv in levels] == [1, 4]
+    for lv in levels:
+        assert set(lv) == LEVEL_KEYS
+        assert lv["sent"] == lv["succeeded"] + lv["failed"] and lv["succeeded"] > 0 and lv["failed"] == 0
+        lat = lv["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"] and lat["count"] == lv["succeeded"]
+        assert lv["requests_per_s"] > 0 and lv["output_tokens_per_s"] > lv["requests_per_s"]
+        assert lv["ttft_ms"] is None and lv["errors"] == {}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_streaming_by_request_count_reports_ttft_and_inter_token_latency(served, tmp_path: Path) -> None:
+    inputs = tmp_path / "inputs.tsv"
+    inputs.write_text("nov 5 1999\t1999-11-05\n\n1 may 2000\t2000-05-01\n")
+    assert read_inputs(inputs) == ["nov 5 1999", "1 may 2000"]
+    code, out = run_main(["-a", served.address, "--stream", "-c", "3", "--requests", "25", "--warmup", "0",
+                          "--inputs", str(inputs), "-q"])
+    assert code == 0
+    header, rule, row, *rest = out.splitlines()
+    assert header.split()[:4] == ["conc", "sent", "ok", "failed"] and "ttft" in header and set(rule) <= {"-", " "}
+    cells = row.split()
+    assert cells[:4] == ["3", "25", "25", "0"]
+    assert rest[-1].startswith("GenerateStream, closed loop")
+
+
+def test_open_loop_counts_and_stream_timings(served) -> None:
+    async def go() -> RunResult:
+        async with AsyncClient(served.address) as client:
+            spec = LoadSpec(mode="open", rate=150, duration_s=0.5, stream=True, timeout_s=10)
+            return await run_load(client, ["nov 5 1999", "1 may 2000", "Sat 29 Feb 2020"], spec)
+
+    run = asyncio.run(go())
+    report = summarize(run)
+    assert report.sent == report.succeeded + report.failed == len(run.records)
+    assert 30 <= report.sent <= 140 and report.failed == 0  # Poisson around 75
+    assert report.ttft_ms.p50 <= report.latency_ms.p50 and report.itl_ms.count > 0
+    assert report.rate == 150 and report.concurrency is None
+    assert "150.0" in format_table([report]).splitlines()[2]
+
+
+def test_errors_are_counted_by_status_code(start_server) -> None:
+    server = start_server(max_batch_size=1, max_queue=1)
+    code, out = run_main(["-a", server.address, "-c", "12", "--requests", "120", "--warmup", "0", "--json", "-q"])
+    (level,) = json.loads(out)["levels"]
+    assert code == 0 and level["sent"] == 120 == level["succeeded"] + level["failed"]
+    assert level["errors"].get("RESOURCE_EXHAUSTED", 0) == level["failed"] > 0
+
+
+def test_runs_stop_by_themselves_when_calls_hang(fake_server) -> None:
+    servicer, address = fake_server
+    servicer.delay = 5.0  # far past the calls' deadline
+
+    async def go() -> RunResult:
+        async with AsyncClient(address) as client:
+            return await run_load(client, ["x"], LoadSpec(concurrency=4, duration_s=0.3, timeout_s=0.2))
+
+    start = time.monotonic()
+    report = summarize(asyncio.run(go()))
+    assert time.monotonic() - start < 3
+    assert report.succeeded == 0 and report.failed == report.sent > 0
+    assert report.errors == {"DEADLINE_EXCEEDED": report.sent}
+    assert report.latency_ms is None and "errors DEADLINE_EXCEEDED" in format_table([report])
+
+
+def test_hard_stop_cancels_and_counts_what_is_left(fake_server) -> None:
+    servicer, address = fake_server
+    servicer.delay = 5.0
+
+    async def go() -> RunResult:
+        async with AsyncClient(address) as client:
+            spec = LoadSpec(mode="open", rate=50, duration_s=0.2, timeout_s=30)
+            return await run_load(client, ["x"], spec, hard_stop_s=0.5)  # long before the calls' deadline
+
+    start = time.monotonic()
+    run = asyncio.run(go())
+    report = summarize(run)
+    assert time.monotonic() - start < 3
+    assert report.sent > 0 and report.failed == report.sent
+    assert set(report.errors) == {"CANCELLED_BY_LOADTEST"}
+
+
+def test_counts_that_do_not_add_up_are_an_error() -> None:
+    run = RunResult(LoadSpec(requests=2), [RequestRecord(0.0, 1.0, "OK"), RequestRecord(0.0)], 0.0, 1.0)
+    with pytest.raises(CountMismatch):
+        summarize(run)
+
+
+def test_bad_arguments_and_unreachable_server(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_main(["-a", "127.0.0.1:1", "--timeout", "2", "-n", "5", "--warmup", "0", "-q"])[0] == 1
+    assert "cannot use the server: UNAVAILABLE" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="must stop by itself"):
+        LoadSpec(duration_s=None, requests=None)
+    with pytest.raises(SystemExit):
+        main(["--concurrency", "0"])
