@@ -153,8 +153,7 @@ class AsyncClient(ClientBase):
         call = self._stub.GenerateStream(request, **self._call_args(timeout, metadata))
         try:
             async for message in call:
-                event = convert.stream_event(message, log_probs=return_log_probs)
-                if event is not None:
+                for event in convert.stream_events(message, log_probs=return_log_probs):
                     yield event
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None

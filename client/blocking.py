@@ -124,8 +124,7 @@ class Client(ClientBase):
         call = self._stub.GenerateStream(request, **call_args)
         try:
             for message in call:
-                event = convert.stream_event(message, log_probs=log_probs)
-                if event is not None:
+                for event in convert.stream_events(message, log_probs=log_probs):
                     yield event
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None

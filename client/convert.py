@@ -211,15 +211,13 @@ def piece_from_proto(msg: pb.TokenPiece) -> TokenPiece:
                       alignment=_vector(msg.alignment) if msg.alignment else None)
 
 
-def stream_event(msg: pb.GenerateStreamResponse, *, log_probs: bool = False) -> TokenPiece | GenerationResult | None:
-    """A stream message as a piece or the final result (None for an event this client does not know)."""
-    kind = msg.WhichOneof("event")
-    if kind == "token":
-        return piece_from_proto(msg.token)
-    if kind == "result":
-        return result_from_proto(msg.result, request_id=msg.request_id, model_version=msg.model_version,
-                                 log_probs=log_probs)
-    return None
+def stream_events(msg: pb.GenerateStreamResponse, *, log_probs: bool = False) -> list[TokenPiece | GenerationResult]:
+    """A stream message's pieces, in order, then the final result if this is the last message."""
+    events: list[TokenPiece | GenerationResult] = [piece_from_proto(t) for t in msg.tokens]
+    if msg.HasField("result"):
+        events.append(result_from_proto(msg.result, request_id=msg.request_id, model_version=msg.model_version,
+                                        log_probs=log_probs))
+    return events
 
 
 def model_info_from_proto(msg: pb.GetModelInfoResponse) -> ModelInfo:

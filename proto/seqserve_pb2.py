@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dseqserve/proto/seqserve.proto\x12\x0bseqserve.v1\"\xa5\x03\n\x11GenerationOptions\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x16\n\x0emin_new_tokens\x18\x02 \x01(\r\x12\'\n\x08strategy\x18\x03 \x01(\x0e\x32\x15.seqserve.v1.Strategy\x12\x11\n\tnum_beams\x18\x04 \x01(\r\x12\x1b\n\x0elength_penalty\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x1c\n\x14num_return_sequences\x18\x06 \x01(\r\x12\x18\n\x0btemperature\x18\x07 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x12\n\x05top_p\x18\t \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x18\n\x10return_log_probs\x18\x0c \x01(\x08\x12\x19\n\x11return_alignments\x18\r \x01(\x08\x12\x16\n\x0etruncate_input\x18\x0e \x01(\x08\x42\x11\n\x0f_length_penaltyB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"f\n\x0fGenerateRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12/\n\x07options\x18\x02 \x01(\x0b\x32\x1e.seqserve.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"h\n\x10GenerateResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.seqserve.v1.InputResult\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"k\n\x15GenerateStreamRequest\x12\r\n\x05input\x18\x01 \x01(\t\x12/\n\x07options\x18\x02 \x01(\x0b\x32\x1e.seqserve.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xa2\x01\n\x16GenerateStreamResponse\x12(\n\x05token\x18\x01 \x01(\x0b\x32\x17.seqserve.v1.TokenPieceH\x00\x12*\n\x06result\x18\x02 \x01(\x0b\x32\x18.seqserve.v1.InputResultH\x00\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\tB\x07\n\x05\x65vent\"\x84\x01\n\nTokenPiece\x12\x10\n\x08sequence\x18\x01 \x01(\r\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08token_id\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x15\n\x08log_prob\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\talignment\x18\x06 \x03(\x02\x42\x0b\n\t_log_prob\"\xab\x01\n\x0bInputResult\x12(\n\tsequences\x18\x01 \x03(\x0b\x32\x15.seqserve.v1.Sequence\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.seqserve.v1.Usage\x12%\n\x07timings\x18\x03 \x01(\x0b\x32\x14.seqserve.v1.Timings\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x15\n\rsource_tokens\x18\x05 \x03(\t\"\xbd\x01\n\x08Sequence\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.seqserve.v1.FinishReason\x12\x11\n\tlog_probs\x18\x04 \x03(\x02\x12\x12\n\x05score\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12-\n\nalignments\x18\x06 \x03(\x0b\x32\x19.seqserve.v1.AlignmentRowB\x08\n\x06_score\".\n\x0c\x41lignmentRow\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07weights\x18\x02 \x03(\x02\"4\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\"l\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nencoder_ms\x18\x02 \x01(\x01\x12\x11\n\tdecode_ms\x18\x03 \x01(\x01\x12\x16\n\x0e\x66irst_token_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"\x15\n\x13GetModelInfoRequest\"\xcf\x02\n\x14GetModelInfoResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12$\n\x04\x64ims\x18\x02 \x01(\x0b\x32\x16.seqserve.v1.ModelDims\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x16\n\x0emax_source_len\x18\x04 \x01(\r\x12\x16\n\x0emax_target_len\x18\x05 \x01(\r\x12\x32\n\x0especial_tokens\x18\x06 \x01(\x0b\x32\x1a.seqserve.v1.SpecialTokens\x12\x11\n\tproviders\x18\x07 \x03(\t\x12\x16\n\x0e\x65ncoder_sha256\x18\x08 \x01(\t\x12\x16\n\x0e\x64\x65\x63oder_sha256\x18\t \x01(\t\x12)\n\x06limits\x18\n \x01(\x0b\x32\x19.seqserve.v1.ServerLimits\x12\x14\n\x0cquantization\x18\x0b \x01(\t\"k\n\tModelDims\x12\x0f\n\x07\x64_model\x18\x01 \x01(\r\x12\x16\n\x0e\x65ncoder_layers\x18\x02 \x01(\r\x12\x16\n\x0e\x64\x65\x63oder_layers\x18\x03 \x01(\r\x12\x0f\n\x07n_heads\x18\x04 \x01(\r\x12\x0c\n\x04\x64_ff\x18\x05 \x01(\r\"O\n\rSpecialTokens\x12\x0e\n\x06pad_id\x18\x01 \x01(\r\x12\x0e\n\x06\x62os_id\x18\x02 \x01(\r\x12\x0e\n\x06\x65os_id\x18\x03 \x01(\r\x12\x0e\n\x06unk_id\x18\x04 \x01(\r\"\xc3\x01\n\x0cServerLimits\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x11\n\tmax_queue\x18\x02 \x01(\r\x12\x1e\n\x16max_inputs_per_request\x18\x03 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x04 \x01(\r\x12\x11\n\tmax_beams\x18\x05 \x01(\r\x12\x1c\n\x14max_return_sequences\x18\x06 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\r*c\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTRATEGY_GREEDY\x10\x01\x12\x11\n\rSTRATEGY_BEAM\x10\x02\x12\x15\n\x11STRATEGY_SAMPLING\x10\x03*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\x85\x02\n\x08SeqServe\x12G\n\x08Generate\x12\x1c.seqserve.v1.GenerateRequest\x1a\x1d.seqserve.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\".seqserve.v1.GenerateStreamRequest\x1a#.seqserve.v1.GenerateStreamResponse0\x01\x12S\n\x0cGetModelInfo\x12 .seqserve.v1.GetModelInfoRequest\x1a!.seqserve.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dseqserve/proto/seqserve.proto\x12\x0bseqserve.v1\"\xa5\x03\n\x11GenerationOptions\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x16\n\x0emin_new_tokens\x18\x02 \x01(\r\x12\'\n\x08strategy\x18\x03 \x01(\x0e\x32\x15.seqserve.v1.Strategy\x12\x11\n\tnum_beams\x18\x04 \x01(\r\x12\x1b\n\x0elength_penalty\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x1c\n\x14num_return_sequences\x18\x06 \x01(\r\x12\x18\n\x0btemperature\x18\x07 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x12\n\x05top_p\x18\t \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x18\n\x10return_log_probs\x18\x0c \x01(\x08\x12\x19\n\x11return_alignments\x18\r \x01(\x08\x12\x16\n\x0etruncate_input\x18\x0e \x01(\x08\x42\x11\n\x0f_length_penaltyB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"f\n\x0fGenerateRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12/\n\x07options\x18\x02 \x01(\x0b\x32\x1e.seqserve.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"h\n\x10GenerateResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.seqserve.v1.InputResult\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"k\n\x15GenerateStreamRequest\x12\r\n\x05input\x18\x01 \x01(\t\x12/\n\x07options\x18\x02 \x01(\x0b\x32\x1e.seqserve.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x96\x01\n\x16GenerateStreamResponse\x12\'\n\x06tokens\x18\x01 \x03(\x0b\x32\x17.seqserve.v1.TokenPiece\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x18.seqserve.v1.InputResult\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"\x84\x01\n\nTokenPiece\x12\x10\n\x08sequence\x18\x01 \x01(\r\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08token_id\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x15\n\x08log_prob\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\talignment\x18\x06 \x03(\x02\x42\x0b\n\t_log_prob\"\xab\x01\n\x0bInputResult\x12(\n\tsequences\x18\x01 \x03(\x0b\x32\x15.seqserve.v1.Sequence\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.seqserve.v1.Usage\x12%\n\x07timings\x18\x03 \x01(\x0b\x32\x14.seqserve.v1.Timings\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x15\n\rsource_tokens\x18\x05 \x03(\t\"\xbd\x01\n\x08Sequence\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.seqserve.v1.FinishReason\x12\x11\n\tlog_probs\x18\x04 \x03(\x02\x12\x12\n\x05score\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12-\n\nalignments\x18\x06 \x03(\x0b\x32\x19.seqserve.v1.AlignmentRowB\x08\n\x06_score\".\n\x0c\x41lignmentRow\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07weights\x18\x02 \x03(\x02\"4\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\"l\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nencoder_ms\x18\x02 \x01(\x01\x12\x11\n\tdecode_ms\x18\x03 \x01(\x01\x12\x16\n\x0e\x66irst_token_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"\x15\n\x13GetModelInfoRequest\"\xcf\x02\n\x14GetModelInfoResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12$\n\x04\x64ims\x18\x02 \x01(\x0b\x32\x16.seqserve.v1.ModelDims\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x16\n\x0emax_source_len\x18\x04 \x01(\r\x12\x16\n\x0emax_target_len\x18\x05 \x01(\r\x12\x32\n\x0especial_tokens\x18\x06 \x01(\x0b\x32\x1a.seqserve.v1.SpecialTokens\x12\x11\n\tproviders\x18\x07 \x03(\t\x12\x16\n\x0e\x65ncoder_sha256\x18\x08 \x01(\t\x12\x16\n\x0e\x64\x65\x63oder_sha256\x18\t \x01(\t\x12)\n\x06limits\x18\n \x01(\x0b\x32\x19.seqserve.v1.ServerLimits\x12\x14\n\x0cquantization\x18\x0b \x01(\t\"k\n\tModelDims\x12\x0f\n\x07\x64_model\x18\x01 \x01(\r\x12\x16\n\x0e\x65ncoder_layers\x18\x02 \x01(\r\x12\x16\n\x0e\x64\x65\x63oder_layers\x18\x03 \x01(\r\x12\x0f\n\x07n_heads\x18\x04 \x01(\r\x12\x0c\n\x04\x64_ff\x18\x05 \x01(\r\"O\n\rSpecialTokens\x12\x0e\n\x06pad_id\x18\x01 \x01(\r\x12\x0e\n\x06\x62os_id\x18\x02 \x01(\r\x12\x0e\n\x06\x65os_id\x18\x03 \x01(\r\x12\x0e\n\x06unk_id\x18\x04 \x01(\r\"\xc3\x01\n\x0cServerLimits\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x11\n\tmax_queue\x18\x02 \x01(\r\x12\x1e\n\x16max_inputs_per_request\x18\x03 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x04 \x01(\r\x12\x11\n\tmax_beams\x18\x05 \x01(\r\x12\x1c\n\x14max_return_sequences\x18\x06 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\r*c\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTRATEGY_GREEDY\x10\x01\x12\x11\n\rSTRATEGY_BEAM\x10\x02\x12\x15\n\x11STRATEGY_SAMPLING\x10\x03*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\x85\x02\n\x08SeqServe\x12G\n\x08Generate\x12\x1c.seqserve.v1.GenerateRequest\x1a\x1d.seqserve.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\".seqserve.v1.GenerateStreamRequest\x1a#.seqserve.v1.GenerateStreamResponse0\x01\x12S\n\x0cGetModelInfo\x12 .seqserve.v1.GetModelInfoRequest\x1a!.seqserve.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'seqserve.proto.seqserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STRATEGY']._serialized_start=2416
-  _globals['_STRATEGY']._serialized_end=2515
-  _globals['_FINISHREASON']._serialized_start=2518
-  _globals['_FINISHREASON']._serialized_end=2665
+  _globals['_STRATEGY']._serialized_start=2404
+  _globals['_STRATEGY']._serialized_end=2503
+  _globals['_FINISHREASON']._serialized_start=2506
+  _globals['_FINISHREASON']._serialized_end=2653
   _globals['_GENERATIONOPTIONS']._serialized_start=47
   _globals['_GENERATIONOPTIONS']._serialized_end=468
   _globals['_GENERATEREQUEST']._serialized_start=470
@@ -44,29 +44,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATESTREAMREQUEST']._serialized_start=680
   _globals['_GENERATESTREAMREQUEST']._serialized_end=787
   _globals['_GENERATESTREAMRESPONSE']._serialized_start=790
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=952
-  _globals['_TOKENPIECE']._serialized_start=955
-  _globals['_TOKENPIECE']._serialized_end=1087
-  _globals['_INPUTRESULT']._serialized_start=1090
-  _globals['_INPUTRESULT']._serialized_end=1261
-  _globals['_SEQUENCE']._serialized_start=1264
-  _globals['_SEQUENCE']._serialized_end=1453
-  _globals['_ALIGNMENTROW']._serialized_start=1455
-  _globals['_ALIGNMENTROW']._serialized_end=1501
-  _globals['_USAGE']._serialized_start=1503
-  _globals['_USAGE']._serialized_end=1555
-  _globals['_TIMINGS']._serialized_start=1557
-  _globals['_TIMINGS']._serialized_end=1665
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1667
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1688
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1691
-  _globals['_GETMODELINFORESPONSE']._serialized_end=2026
-  _globals['_MODELDIMS']._serialized_start=2028
-  _globals['_MODELDIMS']._serialized_end=2135
-  _globals['_SPECIALTOKENS']._serialized_start=2137
-  _globals['_SPECIALTOKENS']._serialized_end=2216
-  _globals['_SERVERLIMITS']._serialized_start=2219
-  _globals['_SERVERLIMITS']._serialized_end=2414
-  _globals['_SEQSERVE']._serialized_start=2668
-  _globals['_SEQSERVE']._serialized_end=2929
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=940
+  _globals['_TOKENPIECE']._serialized_start=943
+  _globals['_TOKENPIECE']._serialized_end=1075
+  _globals['_INPUTRESULT']._serialized_start=1078
+  _globals['_INPUTRESULT']._serialized_end=1249
+  _globals['_SEQUENCE']._serialized_start=1252
+  _globals['_SEQUENCE']._serialized_end=1441
+  _globals['_ALIGNMENTROW']._serialized_start=1443
+  _globals['_ALIGNMENTROW']._serialized_end=1489
+  _globals['_USAGE']._serialized_start=1491
+  _globals['_USAGE']._serialized_end=1543
+  _globals['_TIMINGS']._serialized_start=1545
+  _globals['_TIMINGS']._serialized_end=1653
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1655
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1676
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1679
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2014
+  _globals['_MODELDIMS']._serialized_start=2016
+  _globals['_MODELDIMS']._serialized_end=2123
+  _globals['_SPECIALTOKENS']._serialized_start=2125
+  _globals['_SPECIALTOKENS']._serialized_end=2204
+  _globals['_SERVERLIMITS']._serialized_start=2207
+  _globals['_SERVERLIMITS']._serialized_end=2402
+  _globals['_SEQSERVE']._serialized_start=2656
+  _globals['_SEQSERVE']._serialized_end=2917
 # @@protoc_insertion_point(module_scope)

@@ -94,16 +94,16 @@ class GenerateStreamRequest(_message.Message):
     def __init__(self, input: _Optional[str] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
-    __slots__ = ("token", "result", "request_id", "model_version")
-    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("tokens", "result", "request_id", "model_version")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
-    token: TokenPiece
+    tokens: _containers.RepeatedCompositeFieldContainer[TokenPiece]
     result: InputResult
     request_id: str
     model_version: str
-    def __init__(self, token: _Optional[_Union[TokenPiece, _Mapping]] = ..., result: _Optional[_Union[InputResult, _Mapping]] = ..., request_id: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenPiece, _Mapping]]] = ..., result: _Optional[_Union[InputResult, _Mapping]] = ..., request_id: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class TokenPiece(_message.Message):
     __slots__ = ("sequence", "index", "token_id", "text", "log_prob", "alignment")

@@ -288,19 +288,32 @@ class SeqServeService(pb_grpc.SeqServeServicer):
             try:
                 texts: dict[int, _TextStream] = {}
                 beam = item.params.strategy is Strategy.BEAM
-                while (event := await events.get()) is not None:
-                    text = texts.setdefault(event.sequence, _TextStream(backend.tokenizer))
+                finished = False
+                while not finished:
+                    # Everything waiting goes in one message: one token when the client keeps up,
+                    # several when it does not (fewer, larger writes instead of a growing backlog).
+                    batch = [await events.get()]
+                    while not events.empty():
+                        batch.append(events.get_nowait())
+                    pieces = []
                     now = time.monotonic()
-                    if text.last_time is not None and not beam:  # a beam's tokens all come at its end
-                        self.metrics.on_token_gap(now - text.last_time)
-                    text.last_time = now
-                    piece = pb.TokenPiece(sequence=event.sequence, index=event.index, token_id=event.token_id,
-                                          text=text.push(event.token_id))
-                    if event.log_prob is not None:
-                        piece.log_prob = event.log_prob
-                    if event.alignment is not None:
-                        piece.alignment.extend(event.alignment.tolist())
-                    yield pb.GenerateStreamResponse(token=piece)
+                    for event in batch:
+                        if event is None:
+                            finished = True
+                            break
+                        text = texts.setdefault(event.sequence, _TextStream(backend.tokenizer))
+                        if text.last_time is not None and not beam:  # a beam's tokens all come at its end
+                            self.metrics.on_token_gap(now - text.last_time)
+                        text.last_time = now
+                        piece = pb.TokenPiece(sequence=event.sequence, index=event.index, token_id=event.token_id,
+                                              text=text.push(event.token_id))
+                        if event.log_prob is not None:
+                            piece.log_prob = event.log_prob
+                        if event.alignment is not None:
+                            piece.alignment.extend(event.alignment.tolist())
+                        pieces.append(piece)
+                    if pieces:
+                        yield pb.GenerateStreamResponse(tokens=pieces)
                 result = done.result()
             finally:
                 if not handle.future.done():

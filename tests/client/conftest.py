@@ -185,7 +185,7 @@ class FakeServicer(pb_grpc.SeqServeServicer):
         state = self._start(context)
         for i in range(self.pieces):
             self._sleep(self.piece_delay, context)
-            yield pb.GenerateStreamResponse(token=pb.TokenPiece(index=i, token_id=10 + i, text=str(i)))
+            yield pb.GenerateStreamResponse(tokens=[pb.TokenPiece(index=i, token_id=10 + i, text=str(i))])
         state["done"] = context.is_active()
         yield pb.GenerateStreamResponse(result=pb.InputResult(sequences=[pb.Sequence(text="".join(
             str(i) for i in range(self.pieces)), finish_reason=pb.FINISH_REASON_EOS)]), request_id="fake")

@@ -127,13 +127,16 @@ def test_log_probs_are_none_unless_asked() -> None:
 
 
 def test_stream_events_become_pieces_and_the_result() -> None:
-    piece = convert.stream_event(pb.GenerateStreamResponse(token=pb.TokenPiece(index=2, token_id=9, text="9",
-                                                                               log_prob=-0.1, alignment=[0.5, 0.5])))
-    assert piece is not None and piece.text == "9" and piece.index == 2 and piece.log_prob == pytest.approx(-0.1)
-    assert piece.alignment.tolist() == [0.5, 0.5]
-    final = convert.stream_event(pb.GenerateStreamResponse(result=_input_result(), request_id="r"))
+    pieces = convert.stream_events(pb.GenerateStreamResponse(tokens=[
+        pb.TokenPiece(index=2, token_id=9, text="9", log_prob=-0.1, alignment=[0.5, 0.5]),
+        pb.TokenPiece(index=3, token_id=8, text="8")]))
+    assert [p.index for p in pieces] == [2, 3]  # a message may carry several tokens, in order
+    piece = pieces[0]
+    assert piece.text == "9" and piece.index == 2 and piece.log_prob == pytest.approx(-0.1)
+    assert piece.alignment.tolist() == [0.5, 0.5] and pieces[1].log_prob is None
+    (final,) = convert.stream_events(pb.GenerateStreamResponse(result=_input_result(), request_id="r"))
     assert isinstance(final, GenerationResult) and final.request_id == "r"
-    assert convert.stream_event(pb.GenerateStreamResponse()) is None
+    assert convert.stream_events(pb.GenerateStreamResponse()) == []
 
 
 # -- errors --------------------------------------------------------------------------------

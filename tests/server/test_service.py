@@ -89,12 +89,14 @@ def test_stream_pieces_concatenate_to_the_unary_result(server: Any) -> None:
     for text in SOURCES[:4]:
         unary = generate(server.stub, [text], return_log_probs=True).results[0]
         messages = stream(server.stub, text, return_log_probs=True)
-        *tokens, last = messages
-        assert all(m.WhichOneof("event") == "token" for m in tokens) and last.WhichOneof("event") == "result"
-        assert "".join(m.token.text for m in tokens) == unary.sequences[0].text
-        assert [m.token.token_id for m in tokens] == list(unary.sequences[0].token_ids)
-        assert [m.token.index for m in tokens] == list(range(len(tokens)))
-        assert [m.token.log_prob for m in tokens] == pytest.approx(list(unary.sequences[0].log_probs))
+        *token_messages, last = messages
+        assert all(m.tokens and not m.HasField("result") for m in token_messages)
+        assert last.HasField("result") and not last.tokens
+        tokens = [t for m in token_messages for t in m.tokens]
+        assert "".join(t.text for t in tokens) == unary.sequences[0].text
+        assert [t.token_id for t in tokens] == list(unary.sequences[0].token_ids)
+        assert [t.index for t in tokens] == list(range(len(tokens)))
+        assert [t.log_prob for t in tokens] == pytest.approx(list(unary.sequences[0].log_probs))
         assert last.result.sequences[0] == unary.sequences[0]
         assert last.request_id and last.model_version
 
@@ -120,9 +122,9 @@ def test_stream_first_piece_arrives_before_the_last_token_is_decoded(server: Any
         rest = list(call)
     finally:
         del engine.decode
-    assert first.WhichOneof("event") == "token" and first.token.index == 0
+    assert first.tokens and first.tokens[0].index == 0
     assert waited == [True]
-    assert rest[-1].WhichOneof("event") == "result" and len(rest[-1].result.sequences[0].token_ids) >= 4
+    assert rest[-1].HasField("result") and len(rest[-1].result.sequences[0].token_ids) >= 4
 
 
 def test_64_concurrent_requests_of_mixed_lengths(server: Any, reference: Any) -> None:
@@ -210,7 +212,7 @@ def test_cancel_frees_the_batch_slot(server: Any) -> None:
     with server.slow_decode(0.05):
         start = time.monotonic()
         call = server.stub.GenerateStream(pb.GenerateStreamRequest(input=SOURCES[0], options=LONG), timeout=TIMEOUT)
-        assert next(call).WhichOneof("event") == "token"
+        assert next(call).tokens
         assert server.scheduler.active_rows == 1
         call.cancel()
         server.wait_until(lambda: server.scheduler.active_rows == 0, timeout=0.5)
