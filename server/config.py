@@ -50,6 +50,9 @@ class ServerConfig:
     grace_period_s: float = 20.0  # on SIGTERM/SIGINT, how long in-flight calls get to finish
     log_format: str = "json"  # json (one object per line) | text
     log_level: str = "info"
+    tls_cert: str = ""  # PEM server certificate (chain); with tls_key, the server listens with TLS only
+    tls_key: str = ""  # PEM private key of tls_cert
+    tls_client_ca: str = ""  # PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS)
 
     def __post_init__(self) -> None:
         """Reject values the server cannot use, naming the flag and the variable."""
@@ -76,6 +79,10 @@ class ServerConfig:
             ("grace_period_s", math.isfinite(self.grace_period_s) and self.grace_period_s >= 0, "must be >= 0"),
             ("log_format", self.log_format in LOG_FORMATS, f"must be one of {', '.join(LOG_FORMATS)}"),
             ("log_level", self.log_level in LOG_LEVELS, f"must be one of {', '.join(LOG_LEVELS)}"),
+        ]
+        checks += [
+            ("tls_key", bool(self.tls_cert) == bool(self.tls_key), "and tls_cert go together"),
+            ("tls_client_ca", not self.tls_client_ca or bool(self.tls_cert), "needs tls_cert and tls_key"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -124,6 +131,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("grace_period_s", float, "seconds in-flight calls get to finish on SIGTERM/SIGINT"),
     Setting("log_format", str, "log lines as JSON objects or plain text", LOG_FORMATS),
     Setting("log_level", str, "least severe level logged", LOG_LEVELS),
+    Setting("tls_cert", str, "PEM server certificate; with --tls-key the server listens with TLS only"),
+    Setting("tls_key", str, "PEM private key of --tls-cert"),
+    Setting("tls_client_ca", str, "PEM CA bundle; clients must then present a certificate it signed (mutual TLS)"),
 )
 _BY_FIELD = {s.field: s for s in SETTINGS}
 MODEL_DIR_ENV = ENV_PREFIX + "MODEL_DIR"

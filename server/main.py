@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -95,6 +96,22 @@ class SeqServeServer:
         self.metrics.close()
 
 
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the configured PEM files (None: plaintext); unreadable files are one-line errors."""
+    if not config.tls_cert:
+        return None
+
+    def read(path: str, what: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise SeqserveError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+    client_ca = read(config.tls_client_ca, "--tls-client-ca") if config.tls_client_ca else None
+    return grpc.ssl_server_credentials([(read(config.tls_key, "--tls-key"), read(config.tls_cert, "--tls-cert"))],
+                                       root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
 async def create_server(config: ServerConfig) -> tuple[SeqServeServer, int]:
     """Check the model directory, start serving (NOT_SERVING), load and warm up (SERVING).
 
@@ -107,9 +124,13 @@ async def create_server(config: ServerConfig) -> tuple[SeqServeServer, int]:
     health = health_aio.HealthServicer()
     for name in HEALTH_SERVICES:
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    credentials = server_credentials(config)
     grpc_server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),  # a port already in use is an error, not a silently shared port
+        # The client library pings every 60 s during long calls; gRPC's default (one ping per
+        # 5 min) would answer that with GOAWAY "too many pings".
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 30_000),
     ])
     add_to_server(service, grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
@@ -117,7 +138,10 @@ async def create_server(config: ServerConfig) -> tuple[SeqServeServer, int]:
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         grpc_server)
     try:
-        port = grpc_server.add_insecure_port(config.address)
+        if credentials is None:
+            port = grpc_server.add_insecure_port(config.address)
+        else:
+            port = grpc_server.add_secure_port(config.address, credentials)
     except RuntimeError:
         port = 0
     if not port:

@@ -37,15 +37,13 @@ def pytest_configure(config: pytest.Config) -> None:
 class InProcessServer:
     """A real server made by `create_server`, its event loop running on a thread of its own."""
 
-    def __init__(self, config: ServerConfig, *,
-                 patch: Callable[[], contextlib.AbstractContextManager[Any]] | None = None) -> None:
+    def __init__(self, config: ServerConfig) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="client-test-server", daemon=True)
         self.thread.start()
         try:
-            with patch() if patch else contextlib.nullcontext():
-                self.server: SeqServeServer
-                self.server, self.port = self.run(create_server(config))
+            self.server: SeqServeServer
+            self.server, self.port = self.run(create_server(config))
         except BaseException:
             self._stop_loop()
             raise
@@ -84,8 +82,8 @@ def start_server(model_dir: Path) -> Iterator[Callable[..., InProcessServer]]:
     """Starts real in-process servers with config overrides; closes them at the end of the test."""
     started: list[InProcessServer] = []
 
-    def start(*, patch: Any = None, **overrides: Any) -> InProcessServer:
-        started.append(InProcessServer(server_config(model_dir, **overrides), patch=patch))
+    def start(**overrides: Any) -> InProcessServer:
+        started.append(InProcessServer(server_config(model_dir, **overrides)))
         return started[-1]
 
     yield start

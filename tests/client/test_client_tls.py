@@ -1,19 +1,14 @@
 """TLS: a throwaway CA, server and client certificates made in the test (openssl), a real server
-listening with them, and the client's root-certificate, client-certificate and server-name options.
-
-The server has no TLS settings yet (ServerConfig), so the test swaps its `add_insecure_port` for
-`add_secure_port` while `create_server` runs; once the server can listen with TLS, use that here."""
+listening with them (--tls-cert, --tls-key, --tls-client-ca), and the client's root-certificate,
+client-certificate and server-name options."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 
 from seqserve.client import AsyncClient, Client, RetryPolicy, Unavailable
@@ -50,31 +45,16 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-def tls_server_patch(pki: dict[str, Path], *, require_client_auth: bool):
-    """A context manager under which create_server listens with TLS instead of plaintext."""
-    credentials = grpc.ssl_server_credentials(
-        [(pki["server.key"].read_bytes(), pki["server.pem"].read_bytes())],
-        root_certificates=pki["ca.pem"].read_bytes() if require_client_auth else None,
-        require_client_auth=require_client_auth)
-
-    @contextlib.contextmanager
-    def patch() -> Iterator[None]:
-        real = grpc.aio.server
-
-        def server(*args, **kwargs):
-            made = real(*args, **kwargs)
-            made.add_insecure_port = lambda address: made.add_secure_port(address, credentials)
-            return made
-
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(grpc.aio, "server", server)
-            yield
-
-    return patch
+def tls_settings(pki: dict[str, Path], *, require_client_auth: bool) -> dict[str, str]:
+    """Server settings (--tls-cert, --tls-key, --tls-client-ca) for the test PKI."""
+    settings = {"tls_cert": str(pki["server.pem"]), "tls_key": str(pki["server.key"])}
+    if require_client_auth:
+        settings["tls_client_ca"] = str(pki["ca.pem"])
+    return settings
 
 
 def test_tls_with_the_servers_ca(start_server, pki) -> None:
-    server = start_server(patch=tls_server_patch(pki, require_client_auth=False))
+    server = start_server(**tls_settings(pki, require_client_auth=False))
     port = server.port
     with Client(f"localhost:{port}", root_certificates=pki["ca.pem"]) as client:
         assert client.generate("nov 5 1999").text
@@ -94,7 +74,7 @@ def test_tls_with_the_servers_ca(start_server, pki) -> None:
 
 
 def test_mutual_tls_needs_the_client_certificate(start_server, pki) -> None:
-    server = start_server(patch=tls_server_patch(pki, require_client_auth=True))
+    server = start_server(**tls_settings(pki, require_client_auth=True))
     address = f"localhost:{server.port}"
     with Client(address, root_certificates=pki["ca.pem"], timeout=5, retry=NO_RETRY) as anonymous, \
             pytest.raises(Unavailable):

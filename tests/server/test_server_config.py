@@ -59,3 +59,11 @@ def test_model_dir_is_required() -> None:
 def test_ipv6_host_is_bracketed() -> None:
     assert ServerConfig(model_dir="m", host="::1", port=5).address == "[::1]:5"
     assert ServerConfig(model_dir="m", host="127.0.0.1", port=5).address == "127.0.0.1:5"
+
+
+def test_tls_settings_go_together(tmp_path) -> None:  # noqa: ANN001
+    with pytest.raises(ConfigError, match="tls_key"):
+        ServerConfig(model_dir=tmp_path, tls_cert="server.pem")
+    with pytest.raises(ConfigError, match="tls_client_ca"):
+        ServerConfig(model_dir=tmp_path, tls_client_ca="ca.pem")
+    assert ServerConfig(model_dir=tmp_path, tls_cert="a.pem", tls_key="a.key").tls_cert == "a.pem"
