@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 RUN ?= runs
 SAMPLES := "Tuesday, the 5th of November 1985" "nov 25 2026" "03/14/2015" "1 JANUARY 1900" "Sat 29 Feb 2020"
 
-.PHONY: demo test test-slow install train export translate proto clean
+.PHONY: demo test test-slow install train export translate serve-demo proto clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,17 @@ export: train
 translate: export
 	$(BIN)/seqserve translate $(RUN)/dates-model $(SAMPLES)
 
-demo: translate
+# The exported model served over gRPC on loopback and called with the client, then a clean SIGTERM.
+DEMO_PORT ?= 50551
+serve-demo: export
+	$(BIN)/seqserve serve $(RUN)/dates-model --host 127.0.0.1 --port $(DEMO_PORT) --log-format text & \
+	pid=$$!; \
+	$(BIN)/seqserve-client health --address 127.0.0.1:$(DEMO_PORT) --wait 60 \
+	&& $(BIN)/seqserve-client generate --address 127.0.0.1:$(DEMO_PORT) $(SAMPLES) \
+	&& $(BIN)/seqserve-client generate --address 127.0.0.1:$(DEMO_PORT) --stream "the 1st of May 2000"; \
+	status=$$?; kill -TERM $$pid; wait $$pid; exit $$status
+
+demo: translate serve-demo
 
 test: install
 	$(BIN)/pytest -m "not slow"
@@ -47,3 +57,25 @@ proto: install
 
 clean:
 	rm -rf $(RUN) .pytest_cache
+
+# Container images (README, "Deployment"): docker or podman. MODEL is baked in at /model;
+# `make image MODEL=` builds an image without one (mount a model directory at /model instead).
+CONTAINER ?= docker
+MODEL ?= $(RUN)/dates-model
+CUDA_IMAGE ?= nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+.PHONY: image image-gpu image-trainer podman-smoke
+
+image:
+	$(CONTAINER) build -t seqserve:cpu --target server $(if $(MODEL),--build-arg MODEL_DIR=$(MODEL)) .
+
+image-gpu:
+	$(CONTAINER) build -t seqserve:gpu --target server --build-arg VARIANT=gpu \
+		--build-arg BASE_IMAGE=$(CUDA_IMAGE) $(if $(MODEL),--build-arg MODEL_DIR=$(MODEL)) .
+
+image-trainer:
+	$(CONTAINER) build -t seqserve:trainer --target trainer .
+
+# The opt-in container proof without a Docker engine (root, podman, buildah, runc, debootstrap):
+# a debootstrapped Debian base, the CPU image built from it, served, called, drained. Not in `make test`.
+podman-smoke: install
+	bash deploy/podman-smoke.sh $(MODEL)
