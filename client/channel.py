@@ -46,12 +46,17 @@ class RetryPolicy:
     def as_json(self) -> dict[str, Any]:
         return {"maxAttempts": self.max_attempts, "initialBackoff": f"{self.initial_backoff_s:g}s",
                 "maxBackoff": f"{self.max_backoff_s:g}s", "backoffMultiplier": self.backoff_multiplier,
-                "retryableStatusCodes": ["UNAVAILABLE"]}
+                # CANCELLED too: a call that reaches a replica while its gRPC server is stopping is
+                # cancelled by gRPC before any handler ran (no response headers), so it is safe to
+                # send elsewhere; gRPC never retries once a response has started.
+                "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]}
 
 
 def service_config(retry: RetryPolicy | None) -> dict[str, Any]:
-    """Round-robin over every resolved address; retries for the SeqServe and health services."""
-    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    """Round-robin over every resolved address, skipping replicas whose health service says
+    NOT_SERVING (starting or draining); retries for the SeqServe and health services."""
+    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}],
+                              "healthCheckConfig": {"serviceName": SERVICE_NAME}}
     if retry is not None and retry.max_attempts > 1:
         config["methodConfig"] = [{"name": [{"service": SERVICE_NAME}, {"service": HEALTH_SERVICE_NAME}],
                                    "retryPolicy": retry.as_json()}]

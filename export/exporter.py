@@ -114,6 +114,7 @@ def export_model_dir(ckpt: Checkpoint, out: Path, *, quantize: str | None = None
                 meta["quantization_report"]["int8_exact_match"] = _exact_match(tokenizer, pairs, int8_outputs)
         write_meta()
         open_model_dir(tmp)  # the directory as a server will see it
+        tmp.chmod(0o755)  # mkdtemp made it private; a server running as another user must read it
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 HEALTH_SERVICES = ("", SERVICE_NAME)  # "" is the whole server
 WARMUP_TEXT = "warm up"
+HEALTH_SETTLE_S = 1.0  # at least this long between NOT_SERVING and closing the listener
 FLUSH_S = 1.0  # after draining: time for the last responses to go out before the server stops
 
 
@@ -83,6 +84,11 @@ class SeqServeServer:
         if self.scheduler is not None:
             self.scheduler.close()
         finished = await self.service.wait_idle(grace)
+        # Give clients that watch health (the client library does) a moment to see NOT_SERVING
+        # and route elsewhere before the listener closes; calls arriving meanwhile get UNAVAILABLE,
+        # which they retry on another replica.
+        await asyncio.sleep(max(0.0, min(HEALTH_SETTLE_S - (time.monotonic() - started),
+                                         grace - (time.monotonic() - started))))
         # What is left are the last responses on their way out and long-lived calls such as health
         # watchers (which have seen NOT_SERVING): a short flush, not the rest of the grace period.
         await self.stop(min(FLUSH_S, max(0.0, grace - (time.monotonic() - started))))
@@ -131,6 +137,10 @@ async def create_server(config: ServerConfig) -> tuple[SeqServeServer, int]:
         # The client library pings every 60 s during long calls; gRPC's default (one ping per
         # 5 min) would answer that with GOAWAY "too many pings".
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 30_000),
+        # Connections are recycled every few minutes so that long-lived clients re-resolve DNS
+        # and spread onto replicas added since they connected (headless Service, autoscaling).
+        ("grpc.max_connection_age_ms", 300_000),
+        ("grpc.max_connection_age_grace_ms", 60_000),
     ])
     add_to_server(service, grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)

@@ -190,10 +190,11 @@ def test_service_config_balances_round_robin_and_retries_unavailable() -> None:
     options = dict(settings.options)
     config = json.loads(options["grpc.service_config"])
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    assert config["healthCheckConfig"] == {"serviceName": "seqserve.v1.SeqServe"}  # draining replicas left out
     (method,) = config["methodConfig"]
     assert {"service": "seqserve.v1.SeqServe"} in method["name"]
     retry = method["retryPolicy"]
-    assert retry["maxAttempts"] == 5 and retry["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert retry["maxAttempts"] == 5 and retry["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"]
     assert retry["initialBackoff"].endswith("s") and retry["backoffMultiplier"] > 1
     assert options["grpc.enable_retries"] == 1 and options["grpc.keepalive_time_ms"] > 0
     assert settings.metadata == (("authorization", "Bearer s3cret"), ("x-tenant", "a"))

@@ -236,3 +236,8 @@ def test_translate_command(model_dir: Path, capsys: pytest.CaptureFixture[str]) 
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == ["25 November 2026", "Nov 5th, 1999"]
     assert all(len(line.split("\t")) == 2 for line in lines)
+
+
+def test_model_dir_is_readable_by_other_users(model_dir: Path) -> None:
+    """A server in a container runs as another user than the one who exported (mounted model)."""
+    assert model_dir.stat().st_mode & 0o755 == 0o755
