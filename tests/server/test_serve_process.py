@@ -113,6 +113,15 @@ def test_serve_without_torch_and_sigterm_drains(model_dir: Path,
         assert health.Check(check, timeout=TIMEOUT).status == health_pb2.HealthCheckResponse.SERVING
         batches = [stub.Generate.future(pb.GenerateRequest(inputs=sources, options=forced), timeout=TIMEOUT)
                    for _ in range(2)]
+        # The stream goes in only once the batches wait in the queue, so it is queued behind them:
+        # otherwise, on a fast machine, it can be admitted first and finish before SIGTERM.
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=TIMEOUT) as response:
+                depth = re.search(r"^seqserve_queue_depth (\S+)$", response.read().decode(), re.MULTILINE)
+            if depth and float(depth.group(1)) >= 64:
+                break
+            time.sleep(0.005)
         streamed = stub.GenerateStream(pb.GenerateStreamRequest(input=sources[0], options=forced), timeout=TIMEOUT)
         messages: list[pb.GenerateStreamResponse] = []
         reader = threading.Thread(target=lambda: messages.extend(streamed), daemon=True)
