@@ -35,7 +35,7 @@ translate: export
 # The exported model served over gRPC on loopback and called with the client, then a clean SIGTERM.
 DEMO_PORT ?= 50551
 serve-demo: export
-	$(BIN)/seqserve serve $(RUN)/dates-model --host 127.0.0.1 --port $(DEMO_PORT) --log-format text & \
+	$(BIN)/seqserve serve $(RUN)/dates-model --host 127.0.0.1 --port $(DEMO_PORT) --log-format text --log-level warning & \
 	pid=$$!; \
 	$(BIN)/seqserve-client health --address 127.0.0.1:$(DEMO_PORT) --wait 60 \
 	&& $(BIN)/seqserve-client generate --address 127.0.0.1:$(DEMO_PORT) $(SAMPLES) \
