@@ -36,3 +36,26 @@ def model_dir(checkpoint_path: Path, tmp_path_factory: pytest.TempPathFactory) -
     out = tmp_path_factory.mktemp("exported") / "model"
     export_model_dir(load_checkpoint(checkpoint_path), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_trained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The full demo model, trained with `make demo`'s settings (about 4 minutes: slow tests only)."""
+    from seqserve.model.train import TrainOptions, train
+
+    out = tmp_path_factory.mktemp("demo")
+    summary = train("dates", None, None, TrainOptions(out=out, epochs=12, lr_scale=0.5, valid_size=1000,
+                                                      target_exact_match=0.99, max_minutes=4.5, device="cpu"))
+    (out / "best_exact_match").write_text(str(summary["best"]["exact_match"]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(demo_trained_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The full demo model's exported model directory (slow tests only)."""
+    from seqserve.export.exporter import export_model_dir
+    from seqserve.model.checkpoint import load_checkpoint
+
+    out = tmp_path_factory.mktemp("demo-exported") / "model"
+    export_model_dir(load_checkpoint(demo_trained_dir / "checkpoint.pt"), out)
+    return out
