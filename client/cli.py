@@ -17,12 +17,14 @@ import enum
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from seqserve.client.blocking import Client
 from seqserve.client.channel import SERVICE_NAME
 from seqserve.client.cliargs import client_kwargs, connection_parser, generation_kwargs, generation_parser
 from seqserve.client.errors import SeqserveClientError
+from seqserve.client.heatmap import plot_heatmap, text_heatmap
 from seqserve.client.results import GenerationResult, HealthStatus, ModelInfo, TokenPiece
 
 PROG = "seqserve-client"
@@ -53,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true",
                    help="print the full results as JSON (with --stream: one JSON object per event)")
     g.add_argument("--request-id", help="an id echoed in the result and the server's logs")
+    g.add_argument("--plot", metavar="FILE.png",
+                   help="write each input's alignment heatmap as a PNG (implies --alignments; several inputs: "
+                        "FILE-1.png, FILE-2.png, ...; needs matplotlib)")
     i = sub.add_parser("info", parents=[conn], help="describe the served model and the server's limits")
     i.add_argument("--json", action="store_true", help="print JSON")
     h = sub.add_parser("health", parents=[conn], help="print the server's health (exit 0 only when SERVING)")
@@ -63,9 +68,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def print_results(results: Sequence[GenerationResult], out: TextIO) -> None:
+    """One line per sequence; with alignments, each followed by its text heatmap."""
     for result in results:
         for seq in result.sequences:
             print(seq.text, file=out)
+            if seq.alignments is not None and result.source_tokens and seq.alignment_tokens:
+                print(text_heatmap(result.source_tokens, seq.alignment_tokens, seq.alignments), file=out)
+
+
+def plot_results(texts: Sequence[str], results: Sequence[GenerationResult], path: str) -> list[Path]:
+    """Each input's first sequence as a heatmap PNG at `path` (numbered when there are several)."""
+    written = []
+    target = Path(path)
+    for i, (text, result) in enumerate(zip(texts, results), start=1):
+        seq = result.sequences[0]
+        if seq.alignments is None or not result.source_tokens or not seq.alignment_tokens:
+            continue
+        file = target if len(results) == 1 else target.with_name(f"{target.stem}-{i}{target.suffix or '.png'}")
+        written.append(plot_heatmap(result.source_tokens, seq.alignment_tokens, seq.alignments, file,
+                                    title=f"{text} -> {seq.text}"))
+    return written
 
 
 def run_generate(client: Client, args: argparse.Namespace, out: TextIO) -> int:
@@ -73,6 +95,8 @@ def run_generate(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     if not texts:
         raise SystemExit(f"{PROG} generate: no input (give TEXT arguments or lines on standard input)")
     options = generation_kwargs(args)
+    if args.plot:
+        options["return_alignments"] = True
     if args.stream:
         if len(texts) != 1:
             raise SystemExit(f"{PROG} generate --stream: exactly one input, got {len(texts)}")
@@ -94,6 +118,9 @@ def run_generate(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         print(json.dumps(to_jsonable(results), ensure_ascii=False, indent=2), file=out)
     else:
         print_results(results, out)
+    if args.plot:
+        for path in plot_results(texts, results, args.plot):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

@@ -75,3 +75,26 @@ def test_the_console_script_runs(served) -> None:
     bad = subprocess.run([str(script), "generate", "", "-a", served.address], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 1 and bad.stderr.strip().startswith("seqserve-client: error: INVALID_ARGUMENT")
+
+
+def test_alignment_heatmap_in_the_terminal_and_as_png(served, tmp_path: Path) -> None:
+    code, out = run(["generate", "nov 5 1999", "--alignments", "--max-new-tokens", "6", "--address", served.address])
+    text, header, *rows = out.splitlines()
+    assert code == 0 and text and len(rows) == 6  # one row per output token, under a header of source tokens
+    assert "_nov" in header or "nov" in header
+    plot = tmp_path / "align.png"
+    code, _ = run(["generate", "nov 5 1999", "1 may 2000", "--plot", str(plot), "--address", served.address])
+    assert code == 0
+    for path in (tmp_path / "align-1.png", tmp_path / "align-2.png"):  # one PNG per input
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_text_heatmap_shades_by_weight() -> None:
+    from seqserve.client.heatmap import SHADES, text_heatmap
+
+    weights = [[1.0, 0.0], [0.0, 0.5]]
+    header, first, second = text_heatmap(["\u2581a", "b"], ["x", "y"], weights).splitlines()
+    assert "_a" in header and "b" in header
+    assert SHADES[-1] in first and SHADES[5] in second and SHADES[-1] not in second
+    with pytest.raises(ValueError, match="do not match"):
+        text_heatmap(["a"], ["x", "y"], weights)
