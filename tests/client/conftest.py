@@ -4,7 +4,6 @@ model, and a scripted fake servicer for the behaviours a real model cannot be ma
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -12,10 +11,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import pytest
@@ -23,9 +22,8 @@ import pytest
 from seqserve.proto import seqserve_pb2 as pb
 from seqserve.proto import seqserve_pb2_grpc as pb_grpc
 from seqserve.server.config import ServerConfig
-from seqserve.server.main import SeqServeServer, create_server
+from seqserve.server.testing import InProcessServer, loopback_config
 
-T = TypeVar("T")
 TIMEOUT = 30.0  # seconds: the bound on any one wait in these tests
 
 
@@ -34,39 +32,9 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "(needs the package index; deselect with -m 'not wheel')")
 
 
-class InProcessServer:
-    """A real server made by `create_server`, its event loop running on a thread of its own."""
-
-    def __init__(self, config: ServerConfig) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="client-test-server", daemon=True)
-        self.thread.start()
-        try:
-            self.server: SeqServeServer
-            self.server, self.port = self.run(create_server(config))
-        except BaseException:
-            self._stop_loop()
-            raise
-        self.address = f"127.0.0.1:{self.port}"
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = TIMEOUT) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.run(self.server.stop(0))
-        self._stop_loop()
-
-    def _stop_loop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
 def server_config(model_dir: Path, **overrides: Any) -> ServerConfig:
-    """Loopback, a free port, one ORT thread (the test machine has 2 cores), quiet text logs."""
-    return ServerConfig(**{"model_dir": model_dir, "host": "127.0.0.1", "port": 0, "intra_op_threads": 1,
-                           "log_format": "text", "log_level": "warning", **overrides})
+    """The loopback test config (one ORT thread, quiet text logs), with overrides."""
+    return loopback_config(model_dir, **overrides)
 
 
 @pytest.fixture(scope="session")

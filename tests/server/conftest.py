@@ -3,13 +3,11 @@ event loop on a thread of its own) so tests can look at the scheduler, with the 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import pytest
@@ -17,36 +15,18 @@ import pytest
 from seqserve.proto import seqserve_pb2_grpc as pb_grpc
 from seqserve.server.config import ServerConfig
 from seqserve.server.engine import OnnxSeq2Seq
-from seqserve.server.main import create_server
-from seqserve.server.scheduler import Scheduler
+from seqserve.server.testing import InProcessServer, loopback_config
 
-T = TypeVar("T")
 TIMEOUT = 30.0  # seconds: the bound on any one wait in these tests
 
 
-class RunningServer:
-    """A server started by `create_server` on its own event-loop thread, with a blocking client channel."""
+class RunningServer(InProcessServer):
+    """An in-process server with a blocking client channel and helpers to steer its decoding."""
 
     def __init__(self, config: ServerConfig) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop", daemon=True)
-        self.thread.start()
-        try:
-            self.server, self.port = self.run(create_server(config))
-        except BaseException:
-            self._stop_loop()
-            raise
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        super().__init__(config, timeout=TIMEOUT)
+        self.channel = grpc.insecure_channel(self.address)
         self.stub = pb_grpc.SeqServeStub(self.channel)
-
-    @property
-    def scheduler(self) -> Scheduler:
-        assert self.server.scheduler is not None
-        return self.server.scheduler
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = TIMEOUT) -> T:
-        """Run a coroutine on the server's loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> float:
         """Poll until predicate() holds; returns the seconds it took (fails the test on timeout)."""
@@ -76,20 +56,12 @@ class RunningServer:
 
     def close(self) -> None:
         self.channel.close()
-        with contextlib.suppress(Exception):
-            self.run(self.server.stop(0))
-        self._stop_loop()
-
-    def _stop_loop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        super().close()
 
 
 def server_config(model_dir: Path, **overrides: Any) -> ServerConfig:
-    """Loopback, a free port, two ORT threads (the test machine has 2 cores), text logs."""
-    return ServerConfig(**{"model_dir": model_dir, "host": "127.0.0.1", "port": 0, "intra_op_threads": 1,
-                           "log_format": "text", **overrides})
+    """The loopback test config, with info-level text logs (some tests read the request log lines)."""
+    return loopback_config(model_dir, **{"log_level": "info", **overrides})
 
 
 @pytest.fixture(scope="session")

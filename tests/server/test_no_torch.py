@@ -9,7 +9,7 @@ import sys
 def test_serving_modules_do_not_import_torch() -> None:
     code = ("import sys; import seqserve.server.engine, seqserve.server.translate, seqserve.server.cli, "
             "seqserve.server.main, seqserve.server.service, seqserve.server.validation, seqserve.server.metrics, "
-            "seqserve.server.config, seqserve.server.scheduler, seqserve.server.bench, "
+            "seqserve.server.config, seqserve.server.scheduler, seqserve.server.bench, seqserve.server.testing, "
             "seqserve.export.model_dir, seqserve.model.data; "
             "bad = sorted(m for m in ('torch', 'onnx', 'onnxscript') if m in sys.modules); "
             "print(bad); sys.exit(1 if bad else 0)")
