@@ -1,8 +1,10 @@
 """Random-weight models of given dimensions, exported through the normal export path: what the
-benchmark measures (speed does not depend on the weights), at the peers' dimensions.
+benchmark measures (speed does not depend on the weights), e.g. at the peers' dimensions
+(`seqserve.server.bench.PRESETS`).
 
-`python -m seqserve.export.random_model --preset small --out DIR` writes a verified model
-directory; the benchmark calls it in a subprocess so that its own process never imports torch.
+`python -m seqserve.export.random_model --dims '{"vocab_size": 8000, "d_model": 256, ...}' --out DIR`
+writes a verified model directory; the benchmark calls it in a subprocess so that its own
+process never imports torch.
 """
 
 from __future__ import annotations
@@ -21,13 +23,6 @@ from seqserve.model.checkpoint import Checkpoint
 from seqserve.model.config import ModelConfig
 from seqserve.model.data import SPECIAL_TOKENS
 from seqserve.model.transformer import Transformer
-
-# The peer harness's sizes (../shared/peers/models.py): Marian models of the same dimensions.
-PRESETS: dict[str, dict[str, int]] = {
-    "small": dict(d_model=256, encoder_layers=3, decoder_layers=3, n_heads=4, d_ff=1024, vocab_size=8000),
-    "base": dict(d_model=512, encoder_layers=6, decoder_layers=6, n_heads=8, d_ff=2048, vocab_size=32000),
-}
-
 
 def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
     """A word-level tokenizer over `t4 ... t{V-1}` with the usual special tokens at ids 0-3."""

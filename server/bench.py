@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-PRESETS: dict[str, dict[str, int]] = {  # mirrors export.random_model.PRESETS (that module imports torch)
+PRESETS: dict[str, dict[str, int]] = {  # the peer harness's sizes (../shared/peers/models.py)
     "small": dict(d_model=256, encoder_layers=3, decoder_layers=3, n_heads=4, d_ff=1024, vocab_size=8000),
     "base": dict(d_model=512, encoder_layers=6, decoder_layers=6, n_heads=8, d_ff=2048, vocab_size=32000),
 }

@@ -95,14 +95,11 @@ class OnnxSeq2Seq:
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad id lists into (B, S) int64 ids and a bool mask that is True at real tokens."""
-    length = max(len(s) for s in sequences)
-    ids = np.full((len(sequences), length), pad_id, dtype=np.int64)
+    lengths = np.array([len(s) for s in sequences])
+    ids = np.full((len(sequences), int(lengths.max())), pad_id, dtype=np.int64)
     for i, seq in enumerate(sequences):
         ids[i, : len(seq)] = seq
-    mask = np.zeros_like(ids, dtype=bool)
-    for i, seq in enumerate(sequences):
-        mask[i, : len(seq)] = True
-    return ids, mask
+    return ids, np.arange(ids.shape[1]) < lengths[:, None]  # (B, S) True at real tokens
 
 
 def greedy_generate(engine: OnnxSeq2Seq, sources: Sequence[Sequence[int]], *,
