@@ -18,6 +18,7 @@ from typing import Any
 from seqserve.model.errors import SeqserveError
 
 DEVICES = ("auto", "cpu", "cuda")
+ON_OFF = ("on", "off")
 OPTIMIZATIONS = ("disable", "basic", "extended", "all")  # server.engine.OPTIMIZATION_LEVELS
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -40,6 +41,7 @@ class ServerConfig:
     intra_op_threads: int = 0  # ONNX Runtime threads inside one operator; 0 = one per core
     inter_op_threads: int = 1  # ONNX Runtime threads across operators
     optimization: str = "all"  # ONNX Runtime graph optimization level
+    intra_op_spinning: str = "on"  # on: idle intra-op threads spin for the next kernel (fastest on free cores)
     max_batch_size: int = 32  # most rows (inputs, beams, samples) decoded together in one step
     max_queue: int = 128  # most requests waiting for a batch row; beyond it RESOURCE_EXHAUSTED
     max_inputs_per_request: int = 32  # most inputs in one Generate call
@@ -67,6 +69,7 @@ class ServerConfig:
             ("intra_op_threads", self.intra_op_threads >= 0, "must be >= 0 (0 = one per core)"),
             ("inter_op_threads", self.inter_op_threads >= 0, "must be >= 0"),
             ("optimization", self.optimization in OPTIMIZATIONS, f"must be one of {', '.join(OPTIMIZATIONS)}"),
+            ("intra_op_spinning", self.intra_op_spinning in ON_OFF, "must be on or off"),
             ("max_batch_size", self.max_batch_size >= 1, "must be >= 1"),
             ("max_queue", self.max_queue >= 1, "must be >= 1"),
             ("max_inputs_per_request", self.max_inputs_per_request >= 1, "must be >= 1"),
@@ -121,6 +124,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("intra_op_threads", int, "ONNX Runtime intra-op threads; 0 = one per core"),
     Setting("inter_op_threads", int, "ONNX Runtime inter-op threads"),
     Setting("optimization", str, "ONNX Runtime graph optimization level", OPTIMIZATIONS),
+    Setting("intra_op_spinning", str, "idle intra-op threads spin-wait for the next kernel: fastest on cores "
+            "the server has to itself, 'off' where busy neighbours share them", ON_OFF),
     Setting("max_batch_size", int, "most rows (inputs, beams, samples) decoded together"),
     Setting("max_queue", int, "most requests waiting for a row; beyond it RESOURCE_EXHAUSTED"),
     Setting("max_inputs_per_request", int, "most inputs in one Generate call"),

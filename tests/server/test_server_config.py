@@ -67,3 +67,11 @@ def test_tls_settings_go_together(tmp_path) -> None:  # noqa: ANN001
     with pytest.raises(ConfigError, match="tls_client_ca"):
         ServerConfig(model_dir=tmp_path, tls_client_ca="ca.pem")
     assert ServerConfig(model_dir=tmp_path, tls_cert="a.pem", tls_key="a.key").tls_cert == "a.pem"
+
+
+def test_intra_op_spinning_is_on_by_default_and_can_be_turned_off() -> None:
+    assert parse_args(["m"], environ={}).intra_op_spinning == "on"
+    assert parse_args(["m", "--intra-op-spinning", "off"], environ={}).intra_op_spinning == "off"
+    assert parse_args(["m"], environ={"SEQSERVE_INTRA_OP_SPINNING": "off"}).intra_op_spinning == "off"
+    with pytest.raises(ConfigError, match="SEQSERVE_INTRA_OP_SPINNING='sometimes'"):
+        parse_args(["m"], environ={"SEQSERVE_INTRA_OP_SPINNING": "sometimes"})
