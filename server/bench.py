@@ -146,16 +146,22 @@ def run_peers(peers_dir: Path, python: str, size: str, batches: list[int], engin
     return records
 
 
-def table(rows: list[dict], reference: dict[int, dict]) -> str:
-    """Markdown table of our rows, with the ratio to the reference peer where measured."""
-    head = "| dims | batch | threads | engine | ms/step | tok/s | vs CT2 fp32 (tok/s ratio) | Python share | peak RSS MB |"
-    lines = [head, "|" + "---|" * 9]
+def table(rows: list[dict], reference: dict[int, dict], int8_reference: dict[int, dict] | None = None) -> str:
+    """Markdown table of our rows, with the ratio to CTranslate2 fp32 (and int8, when measured)."""
+    int8_reference = int8_reference or {}
+    head = "| dims | batch | threads | engine | ms/step | tok/s | vs CT2 fp32 (tok/s ratio) |"
+    head += " vs CT2 int8 |" if int8_reference else ""
+    head += " Python share | peak RSS MB |"
+    lines = [head, "|" + "---|" * head.count(" |")]
+
+    def ratio(row: dict, ref: dict | None) -> str:
+        return f"{row['tok_per_s'] / ref['tok_per_s']:.2f}x" if ref and "tok_per_s" in ref else "-"
+
     for r in rows:
-        ref = reference.get(r["batch"])
-        ratio = f"{r['tok_per_s'] / ref['tok_per_s']:.2f}x" if ref and "tok_per_s" in ref else "-"
         share = f"{100 * r['python_share']:.0f}%" if r.get("python_share") is not None else "-"
+        int8 = f" {ratio(r, int8_reference.get(r['batch']))} |" if int8_reference else ""
         lines.append(f"| {r['dims']} | {r['batch']} | {r['threads']} | {r['engine']} | {r['ms_per_step']:.2f} | "
-                     f"{r['tok_per_s']:.0f} | {ratio} | {share} | {r['peak_rss_mb']} |")
+                     f"{r['tok_per_s']:.0f} | {ratio(r, reference.get(r['batch']))} |{int8} {share} | {r['peak_rss_mb']} |")
     return "\n".join(lines)
 
 
@@ -209,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(record), flush=True)
         rows.append(record)
     reference: dict[int, dict] = {}
+    int8_reference: dict[int, dict] = {}
     if args.peers is not None:
         if args.dims or args.model_dir:
             raise SystemExit("seqserve bench: --peers needs --preset (the peers only build the preset dimensions)")
@@ -220,12 +227,14 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(record)
                 if record["engine"] == "ct2_fp32":
                     reference[record["batch"]] = record
+                elif record["engine"] == "ct2_int8":
+                    int8_reference[record["batch"]] = record
     if args.json:
         with args.json.open("a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
     print(table([{**r, "threads": r.get("threads", args.threads), "python_share": r.get("python_share")} for r in rows],
-                reference))
+                reference, int8_reference))
     return 0
 
 

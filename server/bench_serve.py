@@ -69,11 +69,14 @@ def wait_serving(port: int, proc: subprocess.Popen, timeout: float) -> float:
 
 
 async def measure_levels(port: int, metrics_port: int, levels: list[int], duration: float, warmup: float,
-                         max_new_tokens: int) -> list[dict[str, Any]]:
+                         max_new_tokens: int, server_pid: int) -> list[dict[str, Any]]:
     from seqserve.client.aio import AsyncClient
     from seqserve.client.loadgen import LoadSpec, run_load, warm_up
     from seqserve.client.loadreport import summarize
     from seqserve.model.data import dates_pairs
+    from seqserve.server.bench import _jiffies
+
+    ticks = os.sysconf("SC_CLK_TCK")
 
     texts = [p.source for p in dates_pairs(500, seed=123)]
     # Exactly max_new_tokens per request, so every level decodes the same work per request.
@@ -84,7 +87,9 @@ async def measure_levels(port: int, metrics_port: int, levels: list[int], durati
             spec = LoadSpec(mode="closed", concurrency=level, stream=True, duration_s=duration)
             await warm_up(client, texts, spec, options, warmup)
             before = scrape(metrics_port)
+            cpu_before, started = (_jiffies(server_pid), _jiffies(os.getpid())), time.monotonic()
             report = summarize(await run_load(client, texts, spec, options))
+            cpu_after, wall = (_jiffies(server_pid), _jiffies(os.getpid())), time.monotonic() - started
             after = scrape(metrics_port)
             step = after["seqserve_step_seconds_sum"] - before["seqserve_step_seconds_sum"]
             onnx = after["seqserve_step_onnx_seconds_sum"] - before["seqserve_step_onnx_seconds_sum"]
@@ -98,6 +103,9 @@ async def measure_levels(port: int, metrics_port: int, levels: list[int], durati
                                             / steps, 1) if steps else None,
                 "step_ms": round(1e3 * step / steps, 3) if steps else None,
                 "python_share": round(1 - onnx / step, 3) if step else None,
+                # Cores busy in the server and in this load-generating client (same machine).
+                "server_cores": round((cpu_after[0] - cpu_before[0]) / ticks / wall, 2),
+                "client_cores": round((cpu_after[1] - cpu_before[1]) / ticks / wall, 2),
             })
     return rows
 
@@ -129,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         start_s = time.monotonic() - spawned
         rss_ready, _ = rss_mb(proc.pid)
         rows = asyncio.run(measure_levels(port, metrics_port, levels, args.duration, args.warmup,
-                                          args.max_new_tokens))
+                                          args.max_new_tokens, proc.pid))
         rss_now, rss_peak = rss_mb(proc.pid)
         proc.send_signal(signal.SIGTERM)
         exit_code = proc.wait(timeout=60)
@@ -146,12 +154,13 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     print()
-    print("| streams | output tok/s | mean rows/step | step ms | Python share of step | TTFT p50 ms | ITL p50 ms | failed |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| streams | output tok/s | mean rows/step | step ms | Python share of step | TTFT p50 ms | ITL p50 ms | "
+          "server cores | client cores | failed |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         share = f"{100 * r['python_share']:.0f}%" if r["python_share"] is not None else "-"
         print(f"| {r['streams']} | {r['output_tokens_per_s']:.0f} | {r['mean_rows_per_step']} | {r['step_ms']} | {share} | "
-              f"{r['ttft_p50_ms']} | {r['itl_p50_ms']} | {r['failed']} |")
+              f"{r['ttft_p50_ms']} | {r['itl_p50_ms']} | {r['server_cores']} | {r['client_cores']} | {r['failed']} |")
     print(f"\nstart to SERVING {start_s:.2f} s; server RSS {rss_ready} MB ready, {rss_peak} MB peak; "
           f"exit code on SIGTERM {exit_code}")
     return 0 if exit_code == 0 else 1

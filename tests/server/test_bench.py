@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from seqserve.server.bench import main as bench
+from seqserve.server.bench import table
 
 
 def test_bench_exports_caches_and_measures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -29,3 +30,14 @@ def test_bench_exports_caches_and_measures(tmp_path: Path, capsys: pytest.Captur
     assert len(cached) == 1 and (cached[0] / "decoder.onnx").is_file()
     assert bench(args) == 0  # second run reuses the cached export
     assert list((tmp_path / "cache").iterdir()) == cached
+
+
+def test_table_gives_ratios_to_both_ctranslate2_precisions() -> None:
+    ours = {"dims": "small", "batch": 1, "threads": 2, "engine": "seqserve", "ms_per_step": 0.5, "tok_per_s": 2000.0,
+            "python_share": 0.1, "peak_rss_mb": 120}
+    fp32 = {**ours, "engine": "ct2_fp32", "tok_per_s": 1000.0, "python_share": None}
+    int8 = {**ours, "engine": "ct2_int8", "tok_per_s": 500.0, "python_share": None}
+    lines = table([ours, fp32, int8], {1: fp32}, {1: int8}).splitlines()
+    assert "vs CT2 int8" in lines[0] and lines[1].count("---") == lines[0].count(" |")
+    assert "| 2.00x | 4.00x | 10% | 120 |" in lines[2]
+    assert "vs CT2 int8" not in table([ours], {1: fp32}).splitlines()[0]
