@@ -137,14 +137,14 @@ class ServerLimits:
 class ModelInfo:
     """The served model and the server's limits."""
 
-    model_version: str  # first 12 hex digits of decoder.onnx's sha256
+    model_version: str  # first 12 hex digits of decoder_sha256
     dims: ModelDims
     vocab_size: int  # valid token ids are 0..vocab_size-1
     max_source_len: int  # longest input in tokens, EOS included
     max_target_len: int  # longest output in tokens the model was built for
     special_tokens: SpecialTokens
     providers: tuple[str, ...]  # ONNX Runtime execution providers in use, in priority order
-    encoder_sha256: str
-    decoder_sha256: str
+    encoder_sha256: str  # digest of encoder.onnx and its weights file (see the proto)
+    decoder_sha256: str  # the same for the decoder
     limits: ServerLimits
     quantization: str = ""  # "" (none) or "int8"

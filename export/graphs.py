@@ -109,11 +109,20 @@ def _export_one(module: nn.Module, args: tuple[Tensor, ...], input_names: tuple[
         for axis, name in names.DYNAMIC_AXES.get(value.name, {}).items():
             if value.type.tensor_type.shape.dim[axis].dim_param != name:
                 raise ExportError(f"{path.name}: axis {axis} ({name}) of {value.name} was fixed by the exporter")
-    onnx.save(proto, str(path))
+    save_graph(proto, path)
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"{path.name}: onnx.checker failed: {exc}") from None
+
+
+def save_graph(proto: onnx.ModelProto, path: Path) -> None:
+    """Write a graph with its weights as external data in `names.weights_file` beside it (replaced)."""
+    data = path.with_name(names.weights_file(path.name))
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+              size_threshold=1024)
+    data.chmod(0o644)  # onnx creates it private; a server running as another user must read it
 
 
 def export_graphs(model: Transformer, out_dir: Path) -> tuple[Path, Path]:

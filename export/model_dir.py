@@ -28,9 +28,19 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def graph_entry(path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> dict[str, Any]:
-    """config.json's record of one graph: file, signature, size and sha256."""
-    return {"file": path.name, "inputs": list(inputs), "outputs": list(outputs),
-            "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    """config.json's record of one graph: file, signature, size and sha256, and the same for its
+    external weights file when it has one."""
+    entry = {"file": path.name, "inputs": list(inputs), "outputs": list(outputs),
+             "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    weights = path.with_name(names.weights_file(path.name))
+    if weights.is_file():
+        entry["weights"] = {"file": weights.name, "bytes": weights.stat().st_size, "sha256": sha256_file(weights)}
+    return entry
+
+
+def _files(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """A graph entry's files: the graph and, when recorded, its external weights."""
+    return [entry, *([entry["weights"]] if "weights" in entry else [])]
 
 
 @dataclass(frozen=True)
@@ -53,10 +63,18 @@ class ModelDir:
     def tokenizer_path(self) -> Path:
         return self.path / names.TOKENIZER_FILE
 
+    def digest(self, role: str) -> str:
+        """sha256 (hex) standing for a graph and its weights: the graph file's own sha256 when its
+        weights are inside it, else the sha256 of "<graph sha256>:<weights sha256>"."""
+        entry = self.meta["graphs"][role]
+        if "weights" not in entry:
+            return str(entry["sha256"])
+        return hashlib.sha256(f"{entry['sha256']}:{entry['weights']['sha256']}".encode()).hexdigest()
+
     @property
     def version(self) -> str:
-        """Short model version: the first 12 hex digits of the decoder graph's sha256."""
-        return self.meta["graphs"]["decoder"]["sha256"][:12]
+        """Short model version: the first 12 hex digits of the decoder's digest (graph and weights)."""
+        return self.digest("decoder")[:12]
 
 
 def open_model_dir(path: str | os.PathLike, *, check_hashes: bool = True) -> ModelDir:
@@ -84,15 +102,20 @@ def open_model_dir(path: str | os.PathLike, *, check_hashes: bool = True) -> Mod
                 raise ModelDirError(f"{config_path}: {role} graph signature does not match this seqserve")
     except (KeyError, TypeError, CheckpointError) as exc:
         raise ModelDirError(f"{config_path}: malformed ({exc})") from None
-    for name in (names.TOKENIZER_FILE, *(g["file"] for g in graphs.values())):
+    try:
+        files = {role: _files(entry) for role, entry in graphs.items()}
+    except TypeError as exc:
+        raise ModelDirError(f"{config_path}: malformed ({exc})") from None
+    for name in (names.TOKENIZER_FILE, *(f["file"] for fs in files.values() for f in fs)):
         if not (path / name).is_file():
             raise ModelDirError(f"{path}: missing {name}")
     if check_hashes:
-        for role, entry in graphs.items():
-            actual = sha256_file(path / entry["file"])
-            if actual != entry["sha256"]:
-                raise ModelDirError(f"{path / entry['file']}: sha256 {actual[:12]}... does not match "
-                                    f"config.json's {entry['sha256'][:12]}... ({role} graph altered or corrupt)")
+        for role, role_files in files.items():
+            for entry in role_files:
+                actual = sha256_file(path / entry["file"])
+                if actual != entry["sha256"]:
+                    raise ModelDirError(f"{path / entry['file']}: sha256 {actual[:12]}... does not match "
+                                        f"config.json's {entry['sha256'][:12]}... ({role} graph altered or corrupt)")
     return ModelDir(path=path, config=config, meta=meta)
 
 

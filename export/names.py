@@ -10,7 +10,16 @@ TOKENIZER_FILE = "tokenizer.json"
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 GRAPH_FILES = (ENCODER_FILE, DECODER_FILE)
-MODEL_DIR_FILES = (CONFIG_FILE, TOKENIZER_FILE, ENCODER_FILE, DECODER_FILE)
+# Each graph's weights live beside it as ONNX external data, which ONNX Runtime maps from the file
+# instead of copying out of the protobuf: pages it never touches (most embedding rows in the
+# encoder, weights it has repacked) need no memory of their own.
+WEIGHTS_SUFFIX = ".data"
+MODEL_DIR_FILES = (CONFIG_FILE, TOKENIZER_FILE, *(f + s for f in GRAPH_FILES for s in ("", WEIGHTS_SUFFIX)))
+
+
+def weights_file(graph_file: str) -> str:
+    """The external-data file of a graph: encoder.onnx -> encoder.onnx.data."""
+    return graph_file + WEIGHTS_SUFFIX
 
 # Encoder: source ids (B, S) int64 and mask (B, S) bool -> cross-attention K/V (L, B, H, S, Dh) float32.
 ENCODER_INPUTS = ("source_ids", "source_mask")

@@ -6,11 +6,14 @@ import logging
 import os
 from pathlib import Path
 
+import onnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from seqserve.export.graphs import save_graph
 
 
 def quantize_graph(path: Path) -> None:
-    """Replace an fp32 graph by its int8 dynamic-quantized version, in place."""
+    """Replace an fp32 graph (and its external weights) by its int8 dynamic-quantized version, in place."""
     tmp = path.with_name(path.stem + ".int8.onnx")
     root = logging.getLogger()
     level = root.level
@@ -21,4 +24,6 @@ def quantize_graph(path: Path) -> None:
         quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
     finally:
         root.setLevel(level)
-    os.replace(tmp, path)
+    quantized = onnx.load(str(tmp))  # weights and all, before the fp32 ones are overwritten
+    save_graph(quantized, path)
+    os.remove(tmp)

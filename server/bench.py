@@ -121,7 +121,8 @@ def ensure_model_dir(dims: dict[str, int], quantize: str | None, cache: Path) ->
     """The exported random-weight model for these dims, exporting it (in a subprocess) if not cached."""
     from seqserve.export import names
 
-    key = json.dumps({"dims": dims, "quantize": quantize, "format": names.FORMAT_VERSION}, sort_keys=True)
+    key = json.dumps({"dims": dims, "quantize": quantize, "format": names.FORMAT_VERSION,
+                      "weights": names.WEIGHTS_SUFFIX}, sort_keys=True)
     out = cache / f"{dims['d_model']}x{dims['encoder_layers']}-{'int8' if quantize else 'fp32'}-" \
                   f"{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     if not (out / names.CONFIG_FILE).is_file():

@@ -435,7 +435,7 @@ class SeqServeService(pb_grpc.SeqServeServicer):
             special_tokens=pb.SpecialTokens(pad_id=cfg.pad_id, bos_id=cfg.bos_id, eos_id=cfg.eos_id,
                                             unk_id=cfg.unk_id),
             providers=backend.providers,
-            encoder_sha256=meta["graphs"]["encoder"]["sha256"], decoder_sha256=meta["graphs"]["decoder"]["sha256"],
+            encoder_sha256=backend.model_dir.digest("encoder"), decoder_sha256=backend.model_dir.digest("decoder"),
             limits=pb.ServerLimits(max_batch_size=limits.max_batch_size, max_queue=limits.max_queue,
                                    max_inputs_per_request=limits.max_inputs_per_request,
                                    max_new_tokens_limit=limits.max_new_tokens_limit, max_beams=limits.max_beams,

@@ -35,6 +35,11 @@ def test_model_dir_describes_itself(model_dir: Path) -> None:
         assert entry["file"] == file
         assert entry["sha256"] == sha256_file(model_dir / file)
         assert entry["bytes"] == (model_dir / file).stat().st_size
+        weights = model_dir / names.weights_file(file)  # the weights, as external data beside the graph
+        assert entry["weights"] == {"file": weights.name, "bytes": weights.stat().st_size,
+                                    "sha256": sha256_file(weights)}
+        assert weights.stat().st_mode & 0o044 == 0o044  # readable by a server running as another user
+        assert weights.stat().st_size > entry["bytes"]  # the graph file holds structure only
         onnx.checker.check_model(str(model_dir / file), full_check=True)
     assert meta["graphs"]["decoder"]["inputs"] == list(names.DECODER_INPUTS)
     assert meta["opset"] >= 17
@@ -223,6 +228,19 @@ def test_model_dir_missing_file_or_altered_graph_is_refused(model_dir: Path, tmp
         f.write(b"\0")
     with pytest.raises(ModelDirError, match="sha256"):
         open_model_dir(altered)
+    weights = names.weights_file(names.ENCODER_FILE)
+    altered_weights = _copy(model_dir, tmp_path / "altered-weights")
+    with open(altered_weights / weights, "r+b") as f:  # one flipped byte in the middle of the weights
+        f.seek(f.seek(0, 2) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(ModelDirError, match=rf"{weights}: sha256 .* \(encoder graph altered or corrupt\)"):
+        open_model_dir(altered_weights)
+    missing_weights = _copy(model_dir, tmp_path / "missing-weights")
+    (missing_weights / weights).unlink()
+    with pytest.raises(ModelDirError, match=f"missing {weights}"):
+        open_model_dir(missing_weights)
     with pytest.raises(ModelDirError, match="no such model directory"):
         open_model_dir(tmp_path / "nowhere")
     broken = _copy(model_dir, tmp_path / "broken")
@@ -241,3 +259,15 @@ def test_translate_command(model_dir: Path, capsys: pytest.CaptureFixture[str]) 
 def test_model_dir_is_readable_by_other_users(model_dir: Path) -> None:
     """A server in a container runs as another user than the one who exported (mounted model)."""
     assert model_dir.stat().st_mode & 0o755 == 0o755
+
+
+def test_model_version_covers_the_weights_file(model_dir: Path) -> None:
+    import copy
+    import dataclasses
+
+    opened = open_model_dir(model_dir)
+    meta = copy.deepcopy(opened.meta)
+    meta["graphs"]["decoder"]["weights"]["sha256"] = "0" * 64  # same graph file, other weights
+    other = dataclasses.replace(opened, meta=meta)
+    assert other.version != opened.version and other.digest("encoder") == opened.digest("encoder")
+    assert opened.version == opened.digest("decoder")[:12] and len(opened.digest("decoder")) == 64
