@@ -96,23 +96,28 @@ class _Call:
 class _TextStream:
     """Turns one sequence's tokens into text pieces that concatenate to its decoded text.
 
-    Each piece is the growth of the decoding of all tokens so far; text that a later token may still
-    change (a trailing replacement character of an incomplete byte sequence) is held back.
+    Incremental, as TGI and vLLM do it: each push decodes only a short window, the tokens since
+    the last piece plus the tokens of that piece as context (a token's leading space depends on
+    what precedes it), and emits what the new tokens added. Cost per token stays constant instead
+    of growing with the sequence. Text that a later token may still change (a trailing
+    replacement character of an incomplete byte sequence) is held back.
     """
 
     def __init__(self, tokenizer: tokenizers.Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.sent = ""
+        self.prefix = 0  # window start: the tokens of the last piece, as context
+        self.read = 0  # tokens up to here have been turned into pieces
         self.last_time: float | None = None
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = decode(self.tokenizer, self.ids)
-        if text.endswith("\ufffd") or not text.startswith(self.sent):
+        before = decode(self.tokenizer, self.ids[self.prefix:self.read])
+        text = decode(self.tokenizer, self.ids[self.prefix:])
+        if len(text) <= len(before) or text.endswith("\ufffd") or not text.startswith(before):
             return ""
-        piece, self.sent = text[len(self.sent):], text
-        return piece
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):]
 
 
 class LoopMailbox:
