@@ -122,13 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=32, help="server's max batch size (default 32)")
     p.add_argument("--spinning", choices=("on", "off"), default="on",
                    help="server's --intra-op-spinning (default on)")
+    p.add_argument("--stream-interval", type=int, default=1, help="server's --stream-interval (default 1)")
     p.add_argument("--json", type=Path, help="also write the report here")
     args = p.parse_args(argv)
     levels = [int(x) for x in args.streams.split(",")]
     port, metrics_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "seqserve.server.cli", "serve", args.model_dir, "--host", "127.0.0.1",
            "--port", str(port), "--metrics-port", str(metrics_port), "--intra-op-threads", str(args.threads),
-           "--max-batch-size", str(args.max_batch_size), "--intra-op-spinning", args.spinning, "--max-queue", str(max(128, 2 * max(levels))),
+           "--max-batch-size", str(args.max_batch_size), "--intra-op-spinning", args.spinning,
+           "--stream-interval", str(args.stream_interval), "--max-queue", str(max(128, 2 * max(levels))),
            "--log-level", "warning"]
     spawned = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait()
     report = {"model_dir": args.model_dir, "start_to_serving_s": round(start_s, 2), "rss_mb_ready": rss_ready,
               "rss_mb_after_load": rss_now, "rss_mb_peak": rss_peak, "exit_code_on_sigterm": exit_code,
-              "cores": os.cpu_count(), "spinning": args.spinning, "levels": rows}
+              "cores": os.cpu_count(), "spinning": args.spinning, "stream_interval": args.stream_interval, "levels": rows}
     if len(rows) > 1 and rows[0]["output_tokens_per_s"]:
         report["speedup_last_vs_first"] = round(rows[-1]["output_tokens_per_s"] / rows[0]["output_tokens_per_s"], 2)
     if args.json:

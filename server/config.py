@@ -49,6 +49,7 @@ class ServerConfig:
     max_beams: int = 0  # largest num_beams; 0 = min(8, max_batch_size) (a beam search takes num_beams rows)
     max_return_sequences: int = 0  # largest num_return_sequences for sampling; 0 = min(8, max_batch_size)
     max_message_bytes: int = 1 << 20  # largest request message; beyond it RESOURCE_EXHAUSTED
+    stream_interval: int = 1  # GenerateStream: tokens per message after the first (1: every token at once)
     grace_period_s: float = 20.0  # on SIGTERM/SIGINT, how long in-flight calls get to finish
     log_format: str = "json"  # json (one object per line) | text
     log_level: str = "info"
@@ -79,6 +80,7 @@ class ServerConfig:
             ("max_return_sequences", 1 <= self.max_return_sequences <= self.max_batch_size,
              f"must be in 1..max_batch_size ({self.max_batch_size}): each sample takes a row"),
             ("max_message_bytes", 1024 <= self.max_message_bytes < 2**31, "must be in 1024..2147483647"),
+            ("stream_interval", 1 <= self.stream_interval <= 1024, "must be in 1..1024"),
             ("grace_period_s", math.isfinite(self.grace_period_s) and self.grace_period_s >= 0, "must be >= 0"),
             ("log_format", self.log_format in LOG_FORMATS, f"must be one of {', '.join(LOG_FORMATS)}"),
             ("log_level", self.log_level in LOG_LEVELS, f"must be one of {', '.join(LOG_LEVELS)}"),
@@ -133,6 +135,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_beams", int, "largest num_beams; 0 = min(8, max batch size)"),
     Setting("max_return_sequences", int, "largest num_return_sequences for sampling; 0 = min(8, max batch size)"),
     Setting("max_message_bytes", int, "largest request message in bytes"),
+    Setting("stream_interval", int, "GenerateStream sends the first token at once, then a message per this "
+            "many tokens (fewer messages per token under load; the last ones ride on the final message)"),
     Setting("grace_period_s", float, "seconds in-flight calls get to finish on SIGTERM/SIGINT"),
     Setting("log_format", str, "log lines as JSON objects or plain text", LOG_FORMATS),
     Setting("log_level", str, "least severe level logged", LOG_LEVELS),

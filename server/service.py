@@ -293,14 +293,15 @@ class SeqServeService(pb_grpc.SeqServeServicer):
             try:
                 texts: dict[int, _TextStream] = {}
                 beam = item.params.strategy is Strategy.BEAM
-                finished = False
+                interval = self.config.stream_interval
+                pending: list[pb.TokenPiece] = []
+                sent_any = finished = False
                 while not finished:
-                    # Everything waiting goes in one message: one token when the client keeps up,
+                    # Everything waiting is taken at once: one token when the client keeps up,
                     # several when it does not (fewer, larger writes instead of a growing backlog).
                     batch = [await events.get()]
                     while not events.empty():
                         batch.append(events.get_nowait())
-                    pieces = []
                     now = time.monotonic()
                     for event in batch:
                         if event is None:
@@ -316,9 +317,12 @@ class SeqServeService(pb_grpc.SeqServeServicer):
                             piece.log_prob = event.log_prob
                         if event.alignment is not None:
                             piece.alignment.extend(event.alignment.tolist())
-                        pieces.append(piece)
-                    if pieces:
-                        yield pb.GenerateStreamResponse(tokens=pieces)
+                        pending.append(piece)
+                    # The first token goes at once; then a message per `stream_interval` tokens;
+                    # tokens still pending at the end ride on the final message.
+                    if pending and not finished and (not sent_any or len(pending) >= interval):
+                        yield pb.GenerateStreamResponse(tokens=pending)
+                        pending, sent_any = [], True
                 result = done.result()
             finally:
                 if not handle.future.done():
@@ -326,8 +330,8 @@ class SeqServeService(pb_grpc.SeqServeServicer):
                 if not done.done():
                     done.cancel()
             self._account(call, [result], streamed=True)
-            yield pb.GenerateStreamResponse(result=self._input_result(backend, item, result), request_id=call.id,
-                                            model_version=backend.model_dir.version)
+            yield pb.GenerateStreamResponse(tokens=pending, result=self._input_result(backend, item, result),
+                                            request_id=call.id, model_version=backend.model_dir.version)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:

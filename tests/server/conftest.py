@@ -90,3 +90,11 @@ def tiny_server(model_dir: Path) -> Iterator[RunningServer]:
 def offline_engine(model_dir: Path) -> OnnxSeq2Seq:
     """An engine of its own, for offline reference outputs."""
     return OnnxSeq2Seq(model_dir, device="cpu", intra_op_threads=1)
+
+
+@pytest.fixture(scope="session")
+def grouping_server(model_dir: Path) -> Iterator[RunningServer]:
+    """A server that streams the first token at once, then three tokens per message."""
+    running = RunningServer(server_config(model_dir, stream_interval=3))
+    yield running
+    running.close()

@@ -75,3 +75,10 @@ def test_intra_op_spinning_is_on_by_default_and_can_be_turned_off() -> None:
     assert parse_args(["m"], environ={"SEQSERVE_INTRA_OP_SPINNING": "off"}).intra_op_spinning == "off"
     with pytest.raises(ConfigError, match="SEQSERVE_INTRA_OP_SPINNING='sometimes'"):
         parse_args(["m"], environ={"SEQSERVE_INTRA_OP_SPINNING": "sometimes"})
+
+
+def test_stream_interval_is_checked() -> None:
+    assert parse_args(["m"], environ={}).stream_interval == 1
+    assert parse_args(["m", "--stream-interval", "4"], environ={}).stream_interval == 4
+    with pytest.raises(ConfigError, match=r"stream_interval \(--stream-interval, SEQSERVE_STREAM_INTERVAL\)"):
+        parse_args(["m", "--stream-interval", "0"], environ={})

@@ -91,14 +91,29 @@ def test_stream_pieces_concatenate_to_the_unary_result(server: Any) -> None:
         messages = stream(server.stub, text, return_log_probs=True)
         *token_messages, last = messages
         assert all(m.tokens and not m.HasField("result") for m in token_messages)
-        assert last.HasField("result") and not last.tokens
-        tokens = [t for m in token_messages for t in m.tokens]
+        assert last.HasField("result")  # with the tokens not sent yet, if any
+        tokens = [t for m in messages for t in m.tokens]
         assert "".join(t.text for t in tokens) == unary.sequences[0].text
         assert [t.token_id for t in tokens] == list(unary.sequences[0].token_ids)
         assert [t.index for t in tokens] == list(range(len(tokens)))
         assert [t.log_prob for t in tokens] == pytest.approx(list(unary.sequences[0].log_probs))
         assert last.result.sequences[0] == unary.sequences[0]
         assert last.request_id and last.model_version
+
+
+def test_stream_interval_sends_the_first_token_then_groups(grouping_server: Any) -> None:
+    server = grouping_server
+    with server.slow_decode(0.002):
+        for text in SOURCES[:4]:
+            unary = generate(server.stub, [text], min_new_tokens=10).results[0].sequences[0]
+            first, *middle, last = stream(server.stub, text, min_new_tokens=10)
+            assert [t.index for t in first.tokens] == [0]  # the first token goes at once
+            assert all(len(m.tokens) >= 3 and not m.HasField("result") for m in middle)
+            assert last.HasField("result") and last.result.sequences[0] == unary
+            tokens = [t for m in (first, *middle, last) for t in m.tokens]
+            assert [t.token_id for t in tokens] == list(unary.token_ids)
+            assert "".join(t.text for t in tokens) == unary.text
+            assert len(middle) <= (len(tokens) - 1) // 3
 
 
 def test_stream_first_piece_arrives_before_the_last_token_is_decoded(server: Any) -> None:
