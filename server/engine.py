@@ -58,12 +58,12 @@ class OnnxSeq2Seq:
         if optimization not in OPTIMIZATION_LEVELS:
             raise SeqserveError(f"optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}, got {optimization!r}")
 
-        def options(spin: bool, stop_spinning_after_run: bool = False) -> ort.SessionOptions:
+        def options(stop_spinning_after_run: bool = False) -> ort.SessionOptions:
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = intra_op_threads
             opts.inter_op_num_threads = inter_op_threads
             opts.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
             if stop_spinning_after_run:
                 opts.add_session_config_entry("session.force_spinning_stop", "1")
             return opts
@@ -76,8 +76,8 @@ class OnnxSeq2Seq:
         # spinning on between runs took the cores from the decoder's (0.92 -> 0.52 ms per step).
         providers = choose_providers(device)
         self.encoder = ort.InferenceSession(str(self.model_dir.encoder_path),
-                                            options(spinning, stop_spinning_after_run=True), providers=providers)
-        self.decoder = ort.InferenceSession(str(self.model_dir.decoder_path), options(spinning), providers=providers)
+                                            options(stop_spinning_after_run=True), providers=providers)
+        self.decoder = ort.InferenceSession(str(self.model_dir.decoder_path), options(), providers=providers)
         # ONNX Runtime silently falls back to CPU when CUDA cannot load: check what it actually uses.
         self.providers = self.decoder.get_providers()
         if device == "cuda" and "CUDAExecutionProvider" not in self.providers:
