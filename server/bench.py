@@ -33,7 +33,7 @@ DEFAULT_CACHE = Path(os.environ.get("SEQSERVE_BENCH_CACHE", Path.home() / ".cach
 DEFAULT_PEERS = Path(__file__).resolve().parents[1].parent / "shared" / "peers"
 
 
-def _jiffies(pid: int | None = None) -> int:
+def cpu_time_ticks(pid: int | None = None) -> int:
     """CPU time (clock ticks) of the whole machine (pid None) or of one process."""
     if pid is None:
         fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
@@ -96,12 +96,12 @@ def measure(model_dir: str, *, batch: int, new_tokens: int, source_len: int, thr
     times.step = times.run = 0.0
     deadline = time.perf_counter() + budget
     while len(blocks) < max_reps and (len(blocks) < min_reps or time.perf_counter() < deadline):
-        machine, own = _jiffies(), _jiffies(me)
+        machine, own = cpu_time_ticks(), cpu_time_ticks(me)
         start = time.perf_counter()
         for _ in range(per_block):
             call()
         elapsed = time.perf_counter() - start
-        others = (_jiffies() - machine) - (_jiffies(me) - own)
+        others = (cpu_time_ticks() - machine) - (cpu_time_ticks(me) - own)
         blocks.append((elapsed / per_block, others / cpu_ticks > 0.05 * elapsed))
     scheduler.stop()
     clean = [t for t, contended in blocks if not contended]

@@ -74,7 +74,7 @@ async def measure_levels(port: int, metrics_port: int, levels: list[int], durati
     from seqserve.client.loadgen import LoadSpec, run_load, warm_up
     from seqserve.client.loadreport import summarize
     from seqserve.model.data import dates_pairs
-    from seqserve.server.bench import _jiffies
+    from seqserve.server.bench import cpu_time_ticks
 
     ticks = os.sysconf("SC_CLK_TCK")
 
@@ -87,9 +87,9 @@ async def measure_levels(port: int, metrics_port: int, levels: list[int], durati
             spec = LoadSpec(mode="closed", concurrency=level, stream=True, duration_s=duration)
             await warm_up(client, texts, spec, options, warmup)
             before = scrape(metrics_port)
-            cpu_before, started = (_jiffies(server_pid), _jiffies(os.getpid())), time.monotonic()
+            cpu_before, started = (cpu_time_ticks(server_pid), cpu_time_ticks(os.getpid())), time.monotonic()
             report = summarize(await run_load(client, texts, spec, options))
-            cpu_after, wall = (_jiffies(server_pid), _jiffies(os.getpid())), time.monotonic() - started
+            cpu_after, wall = (cpu_time_ticks(server_pid), cpu_time_ticks(os.getpid())), time.monotonic() - started
             after = scrape(metrics_port)
             step = after["seqserve_step_seconds_sum"] - before["seqserve_step_seconds_sum"]
             onnx = after["seqserve_step_onnx_seconds_sum"] - before["seqserve_step_onnx_seconds_sum"]
