@@ -41,11 +41,23 @@ def scrape(metrics_port: int) -> dict[str, float]:
     return out
 
 
-def rss_mb(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) of a process, in MB."""
-    fields = {line.split(":")[0]: int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-              if line.startswith(("VmRSS", "VmHWM"))}
-    return fields["VmRSS"] // 1024, fields["VmHWM"] // 1024
+def server_pids(pid: int) -> list[int]:
+    """The server process and its children (the decoding worker process, when it runs in one)."""
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    return [pid, *children]
+
+
+def rss_mb(pids: list[int]) -> tuple[int, int]:
+    """(VmRSS, VmHWM) summed over processes, in MB (the sum of peaks bounds their joint peak from above)."""
+    rss = hwm = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS"):
+                rss += int(line.split()[1])
+            elif line.startswith("VmHWM"):
+                hwm += int(line.split()[1])
+    return rss // 1024, hwm // 1024
 
 
 def wait_serving(port: int, proc: subprocess.Popen, timeout: float) -> float:
@@ -69,7 +81,7 @@ def wait_serving(port: int, proc: subprocess.Popen, timeout: float) -> float:
 
 
 async def measure_levels(port: int, metrics_port: int, levels: list[int], duration: float, warmup: float,
-                         max_new_tokens: int, server_pid: int) -> list[dict[str, Any]]:
+                         max_new_tokens: int, server: list[int]) -> list[dict[str, Any]]:
     from seqserve.client.aio import AsyncClient
     from seqserve.client.loadgen import LoadSpec, run_load, warm_up
     from seqserve.client.loadreport import summarize
@@ -77,6 +89,9 @@ async def measure_levels(port: int, metrics_port: int, levels: list[int], durati
     from seqserve.server.bench import cpu_time_ticks
 
     ticks = os.sysconf("SC_CLK_TCK")
+
+    def server_ticks() -> list[int]:
+        return [cpu_time_ticks(pid) for pid in server]
 
     texts = [p.source for p in dates_pairs(500, seed=123)]
     # Exactly max_new_tokens per request, so every level decodes the same work per request.
@@ -87,9 +102,9 @@ async def measure_levels(port: int, metrics_port: int, levels: list[int], durati
             spec = LoadSpec(mode="closed", concurrency=level, stream=True, duration_s=duration)
             await warm_up(client, texts, spec, options, warmup)
             before = scrape(metrics_port)
-            cpu_before, started = (cpu_time_ticks(server_pid), cpu_time_ticks(os.getpid())), time.monotonic()
+            cpu_before, started = (server_ticks(), cpu_time_ticks(os.getpid())), time.monotonic()
             report = summarize(await run_load(client, texts, spec, options))
-            cpu_after, wall = (cpu_time_ticks(server_pid), cpu_time_ticks(os.getpid())), time.monotonic() - started
+            cpu_after, wall = (server_ticks(), cpu_time_ticks(os.getpid())), time.monotonic() - started
             after = scrape(metrics_port)
             step = after["seqserve_step_seconds_sum"] - before["seqserve_step_seconds_sum"]
             onnx = after["seqserve_step_onnx_seconds_sum"] - before["seqserve_step_onnx_seconds_sum"]
@@ -103,8 +118,10 @@ async def measure_levels(port: int, metrics_port: int, levels: list[int], durati
                                             / steps, 1) if steps else None,
                 "step_ms": round(1e3 * step / steps, 3) if steps else None,
                 "python_share": round(1 - onnx / step, 3) if step else None,
-                # Cores busy in the server and in this load-generating client (same machine).
-                "server_cores": round((cpu_after[0] - cpu_before[0]) / ticks / wall, 2),
+                # Cores busy in the server (with its worker process) and in this load-generating
+                # client (same machine).
+                "server_cores": round((sum(cpu_after[0]) - sum(cpu_before[0])) / ticks / wall, 2),
+                "worker_cores": round((sum(cpu_after[0][1:]) - sum(cpu_before[0][1:])) / ticks / wall, 2),
                 "client_cores": round((cpu_after[1] - cpu_before[1]) / ticks / wall, 2),
             })
     return rows
@@ -123,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spinning", choices=("on", "off"), default="on",
                    help="server's --intra-op-spinning (default on)")
     p.add_argument("--stream-interval", type=int, default=1, help="server's --stream-interval (default 1)")
+    p.add_argument("--worker-process", choices=("on", "off"), default="on",
+                   help="server's --worker-process (default on)")
     p.add_argument("--json", type=Path, help="also write the report here")
     args = p.parse_args(argv)
     levels = [int(x) for x in args.streams.split(",")]
@@ -130,17 +149,18 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "seqserve.server.cli", "serve", args.model_dir, "--host", "127.0.0.1",
            "--port", str(port), "--metrics-port", str(metrics_port), "--intra-op-threads", str(args.threads),
            "--max-batch-size", str(args.max_batch_size), "--intra-op-spinning", args.spinning,
-           "--stream-interval", str(args.stream_interval), "--max-queue", str(max(128, 2 * max(levels))),
+           "--stream-interval", str(args.stream_interval), "--worker-process", args.worker_process, "--max-queue", str(max(128, 2 * max(levels))),
            "--log-level", "warning"]
     spawned = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_serving(port, proc, timeout=60)
         start_s = time.monotonic() - spawned
-        rss_ready, _ = rss_mb(proc.pid)
+        pids = server_pids(proc.pid)
+        rss_ready, _ = rss_mb(pids)
         rows = asyncio.run(measure_levels(port, metrics_port, levels, args.duration, args.warmup,
-                                          args.max_new_tokens, proc.pid))
-        rss_now, rss_peak = rss_mb(proc.pid)
+                                          args.max_new_tokens, pids))
+        rss_now, rss_peak = rss_mb(pids)
         proc.send_signal(signal.SIGTERM)
         exit_code = proc.wait(timeout=60)
     finally:
@@ -149,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait()
     report = {"model_dir": args.model_dir, "start_to_serving_s": round(start_s, 2), "rss_mb_ready": rss_ready,
               "rss_mb_after_load": rss_now, "rss_mb_peak": rss_peak, "exit_code_on_sigterm": exit_code,
-              "cores": os.cpu_count(), "spinning": args.spinning, "stream_interval": args.stream_interval, "levels": rows}
+              "server_processes": len(pids), "cores": os.cpu_count(), "spinning": args.spinning,
+              "worker_process": args.worker_process, "stream_interval": args.stream_interval, "levels": rows}
     if len(rows) > 1 and rows[0]["output_tokens_per_s"]:
         report["speedup_last_vs_first"] = round(rows[-1]["output_tokens_per_s"] / rows[0]["output_tokens_per_s"], 2)
     if args.json:
@@ -157,12 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(report, indent=2))
     print()
     print("| streams | output tok/s | mean rows/step | step ms | Python share of step | TTFT p50 ms | ITL p50 ms | "
-          "server cores | client cores | failed |")
+          "server cores (worker) | client cores | failed |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         share = f"{100 * r['python_share']:.0f}%" if r["python_share"] is not None else "-"
         print(f"| {r['streams']} | {r['output_tokens_per_s']:.0f} | {r['mean_rows_per_step']} | {r['step_ms']} | {share} | "
-              f"{r['ttft_p50_ms']} | {r['itl_p50_ms']} | {r['server_cores']} | {r['client_cores']} | {r['failed']} |")
+              f"{r['ttft_p50_ms']} | {r['itl_p50_ms']} | {r['server_cores']} ({r['worker_cores']}) | {r['client_cores']} | {r['failed']} |")
     print(f"\nstart to SERVING {start_s:.2f} s; server RSS {rss_ready} MB ready, {rss_peak} MB peak; "
           f"exit code on SIGTERM {exit_code}")
     return 0 if exit_code == 0 else 1

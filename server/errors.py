@@ -22,6 +22,10 @@ class InvalidRequest(ServingError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.reason = message
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # pickled across the worker process's pipe
+        return type(self), (self.field, self.reason)
 
 
 class Overloaded(ServingError):

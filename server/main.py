@@ -9,13 +9,11 @@ UNAVAILABLE, calls in flight get `grace_period_s` to finish, and the process exi
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 import sys
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
@@ -29,10 +27,12 @@ from seqserve.model.errors import SeqserveError
 from seqserve.server.config import ServerConfig, parse_args
 from seqserve.server.engine import OnnxSeq2Seq
 from seqserve.server.generation import GenerationParams
+from seqserve.server.logs import configure_logging
 from seqserve.server.metrics import Metrics
 from seqserve.server.scheduler import Scheduler
 from seqserve.server.service import SERVICE_NAME, Backend, LoopMailbox, SeqServeService, add_to_server, watch
 from seqserve.server.validation import Validator
+from seqserve.server.worker import ProcessScheduler, WorkerOptions
 
 log = logging.getLogger(__name__)
 
@@ -54,28 +54,50 @@ class SeqServeServer:
         self.metrics = metrics
         self.port = port
         self.metrics_port = 0
-        self.scheduler: Scheduler | None = None
+        self.scheduler: Scheduler | ProcessScheduler | None = None
+        self._loop = asyncio.get_running_loop()
 
     async def load(self, model_dir: ModelDir) -> None:
         """Engine and tokenizer (off the event loop), the scheduler, a warm-up generation, then SERVING."""
         config = self.config
-        engine, tokenizer = await asyncio.to_thread(
-            lambda: (OnnxSeq2Seq(model_dir, device=config.device, intra_op_threads=config.intra_op_threads,  # type: ignore[arg-type]
-                                 inter_op_threads=config.inter_op_threads, optimization=config.optimization,
-                                 spinning=config.intra_op_spinning == "on"),
-                     load_tokenizer(model_dir.tokenizer_path)))
-        self.scheduler = Scheduler(engine, max_batch_size=config.max_batch_size, max_queue=config.max_queue,
-                                   observer=self.metrics)
-        self.scheduler.start()
+        tokenizer = await asyncio.to_thread(load_tokenizer, model_dir.tokenizer_path)
+        scheduler: Scheduler | ProcessScheduler
+        if config.worker_process == "on":
+            scheduler = ProcessScheduler(model_dir, WorkerOptions(
+                str(model_dir.path), device=config.device, intra_op_threads=config.intra_op_threads,
+                inter_op_threads=config.inter_op_threads, optimization=config.optimization,
+                spinning=config.intra_op_spinning == "on", max_batch_size=config.max_batch_size,
+                max_queue=config.max_queue, log_format=config.log_format, log_level=config.log_level),
+                self._loop, observer=self.metrics, on_worker_lost=self._worker_lost)
+            self.scheduler = scheduler
+            await asyncio.to_thread(scheduler.start)
+            providers = scheduler.providers
+        else:
+            engine = await asyncio.to_thread(
+                OnnxSeq2Seq, model_dir, device=config.device, intra_op_threads=config.intra_op_threads,  # type: ignore[arg-type]
+                inter_op_threads=config.inter_op_threads, optimization=config.optimization,
+                spinning=config.intra_op_spinning == "on")
+            scheduler = self.scheduler = Scheduler(engine, max_batch_size=config.max_batch_size,
+                                                   max_queue=config.max_queue, observer=self.metrics)
+            scheduler.start()
+            providers = list(engine.providers)
         # One real generation: ONNX Runtime allocates and picks kernels on its first runs.
-        handle = self.scheduler.submit(encode_source(tokenizer, WARMUP_TEXT)[: model_dir.config.max_source_len],
-                                       GenerationParams(max_new_tokens=min(4, model_dir.config.max_target_len)))
+        handle = scheduler.submit(encode_source(tokenizer, WARMUP_TEXT)[: model_dir.config.max_source_len],
+                                  GenerationParams(max_new_tokens=min(4, model_dir.config.max_target_len)))
         await watch(handle, LoopMailbox(asyncio.get_running_loop()))
-        self.service.set_backend(Backend(self.scheduler, tokenizer, Validator(tokenizer, model_dir.config, config),
-                                         model_dir, list(engine.providers)))
+        self.service.set_backend(Backend(scheduler, tokenizer, Validator(tokenizer, model_dir.config, config),
+                                         model_dir, providers))
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("model %s (version %s) on %s", model_dir.path, model_dir.version, ", ".join(engine.providers))
+        log.info("model %s (version %s) on %s, decoding in %s", model_dir.path, model_dir.version,
+                 ", ".join(providers), "a worker process" if config.worker_process == "on" else "a thread")
+
+    def _worker_lost(self, reason: str) -> None:
+        """The decoding worker died and could not be replaced: report NOT_SERVING, refuse calls."""
+        self.service.start_draining()
+        for name in HEALTH_SERVICES:
+            self._loop.create_task(self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING))
+        log.error("not serving any more: %s", reason)
 
     async def drain(self, grace: float) -> bool:
         """Graceful shutdown; returns True when every call in flight finished within `grace` seconds."""
@@ -189,38 +211,6 @@ async def serve(config: ServerConfig) -> int:
     finished = await server.drain(config.grace_period_s)
     log.info("stopped", extra={"fields": {"event": "stopped", "drained": finished}})
     return 0
-
-
-# -- logging --------------------------------------------------------------------------------
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and the record's `fields`."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-               "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
-        out.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False, default=str)
-
-
-class TextFormatter(logging.Formatter):
-    """Plain lines, with the record's `fields` as key=value pairs."""
-
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    def format(self, record: logging.LogRecord) -> str:
-        fields = getattr(record, "fields", None)
-        line = super().format(record)
-        return line + "".join(f" {k}={v}" for k, v in fields.items()) if fields else line
-
-
-def configure_logging(log_format: str, level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
+from seqserve.model.config import ModelConfig
 from seqserve.server import errors
 from seqserve.server.batch import DecodeBatch, StepEngine
 from seqserve.server.engine import pad_batch
@@ -42,6 +43,35 @@ class SchedulerObserver(Protocol):
     def on_step(self, rows: int, seconds: float, run_seconds: float) -> None: ...
 
     def on_queue_depth(self, depth: int) -> None: ...
+
+
+def check_request(config: ModelConfig, max_batch_size: int, source_ids: list[int], params: GenerationParams) -> None:
+    """What the decoding loop itself cannot take (InvalidRequest).
+
+    The service validates requests with friendlier messages; these guard the graphs' position
+    table, which an out-of-range position would crash for the whole batch.
+    """
+    if not 1 <= params.max_new_tokens <= config.max_target_len:
+        raise errors.InvalidRequest("max_new_tokens", f"must be in [1, {config.max_target_len}]")
+    if not 1 <= len(source_ids) <= config.max_source_len:
+        raise errors.InvalidRequest("input", f"must have 1 to {config.max_source_len} tokens")
+    if params.rows > max_batch_size:
+        field = "num_beams" if params.strategy is Strategy.BEAM else "num_return_sequences"
+        raise errors.InvalidRequest(field, f"needs {params.rows} rows; max_batch_size is {max_batch_size}")
+
+
+class RequestScheduler(Protocol):
+    """What the service needs of a scheduler: `Scheduler` (a thread of the server process) or
+    `worker.ProcessScheduler` (a process of its own)."""
+
+    def submit(self, source_ids: list[int], params: GenerationParams, *, deadline: float | None = None,
+               on_token: TokenCallback | None = None) -> RequestHandle: ...
+
+    def close(self) -> None: ...
+
+    def wait_idle(self, timeout: float | None = None) -> bool: ...
+
+    def stop(self) -> None: ...
 
 
 class RequestHandle:
@@ -97,12 +127,15 @@ class Scheduler:
     """Runs requests through one continuously batched decoding loop on a worker thread."""
 
     def __init__(self, engine: StepEngine, *, max_batch_size: int = 32, max_queue: int = 128,
-                 observer: SchedulerObserver | None = None) -> None:
+                 observer: SchedulerObserver | None = None, after_step: Callable[[], None] | None = None) -> None:
+        """`after_step` runs on the worker thread at the end of every step boundary (the worker
+        process sends the step's tokens and results to the server process from it)."""
         self.engine = engine
         self.config = engine.config
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.observer = observer
+        self.after_step = after_step
         self._waiting: deque[_Request] = deque()
         self._lock = threading.Condition()
         self._closed = False
@@ -126,19 +159,15 @@ class Scheduler:
             self._thread.start()
 
     def submit(self, source_ids: list[int], params: GenerationParams, *, deadline: float | None = None,
-               on_token: TokenCallback | None = None) -> RequestHandle:
-        """Queue a request; Overloaded at once when the wait queue is full, Unavailable when closed."""
-        # The service validates requests with friendlier messages; these guard the graphs'
-        # position table, which an out-of-range position would crash for the whole batch.
-        if not 1 <= params.max_new_tokens <= self.config.max_target_len:
-            raise errors.InvalidRequest("max_new_tokens", f"must be in [1, {self.config.max_target_len}]")
-        if not 1 <= len(source_ids) <= self.config.max_source_len:
-            raise errors.InvalidRequest("input", f"must have 1 to {self.config.max_source_len} tokens")
-        if params.rows > self.max_batch_size:
-            field = "num_beams" if params.strategy is Strategy.BEAM else "num_return_sequences"
-            raise errors.InvalidRequest(field, f"needs {params.rows} rows; max_batch_size is {self.max_batch_size}")
+               on_token: TokenCallback | None = None, submitted: float | None = None) -> RequestHandle:
+        """Queue a request; Overloaded at once when the wait queue is full, Unavailable when closed.
+
+        `submitted` (time.monotonic()) is when the caller received it, if earlier than now.
+        """
+        check_request(self.config, self.max_batch_size, source_ids, params)
         handle = RequestHandle(self._wake)
-        request = _Request(list(source_ids), params, deadline, on_token, handle, time.monotonic())
+        request = _Request(list(source_ids), params, deadline, on_token, handle,
+                           time.monotonic() if submitted is None else submitted)
         with self._lock:
             if self._closed:
                 raise errors.Unavailable("server is shutting down")
@@ -227,6 +256,8 @@ class Scheduler:
                 for request in self._active:
                     self._fail(request, errors.ServingError(f"decoding failed: {type(exc).__name__}: {exc}"))
                 self._clear_batch()
+            if self.after_step is not None:
+                self.after_step()
 
     def _clear_batch(self) -> None:
         self._active, self._batch, self._row_count = [], None, 0

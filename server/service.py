@@ -34,7 +34,7 @@ from seqserve.server import errors
 from seqserve.server.config import ServerConfig
 from seqserve.server.generation import FinishReason, RequestResult, Strategy, TokenEvent
 from seqserve.server.metrics import Metrics
-from seqserve.server.scheduler import RequestHandle, Scheduler
+from seqserve.server.scheduler import RequestHandle, RequestScheduler
 from seqserve.server.validation import ValidInput, Validator
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SeqServe"].full_name  # "seqserve.v1.SeqServe"
@@ -55,7 +55,7 @@ _FINISH_REASONS = {
 class Backend:
     """The loaded model, as the service uses it."""
 
-    scheduler: Scheduler
+    scheduler: RequestScheduler
     tokenizer: tokenizers.Tokenizer
     validator: Validator
     model_dir: ModelDir
@@ -125,7 +125,9 @@ class LoopMailbox:
 
     `loop.call_soon_threadsafe` per token writes to the loop's self-pipe every time: with 32
     streams that is 32 wake-ups per decoder step. Posting here queues the call and wakes the loop
-    only when no drain is already pending, so one step's tokens cost one wake-up.
+    only when no drain is already pending, so one step's tokens cost one wake-up. Posts made on
+    the loop's own thread (the worker process's events are read there) run at once, unless calls
+    from another thread are still queued: they keep their order.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -133,14 +135,26 @@ class LoopMailbox:
         self._calls: deque[tuple[Callable[[Any], Any], Any]] = deque()
         self._lock = threading.Lock()
         self._pending = False
+        self._loop_thread: int | None = None
+        loop.call_soon_threadsafe(self._note_thread)
+
+    def _note_thread(self) -> None:
+        self._loop_thread = threading.get_ident()
 
     def post(self, fn: Callable[[Any], Any], arg: Any) -> None:
-        """Call fn(arg) on the event loop soon (from any thread)."""
+        """Call fn(arg) on the event loop soon (from any thread; at once on the loop's thread)."""
         with self._lock:
-            self._calls.append((fn, arg))
-            if self._pending:
-                return
-            self._pending = True
+            if not self._pending and threading.get_ident() == self._loop_thread:
+                direct = True
+            else:
+                direct = False
+                self._calls.append((fn, arg))
+                if self._pending:
+                    return
+                self._pending = True
+        if direct:
+            fn(arg)
+            return
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
             self.loop.call_soon_threadsafe(self._drain)
 

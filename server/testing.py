@@ -19,9 +19,10 @@ T = TypeVar("T")
 
 
 def loopback_config(model_dir: str | Path, **overrides: Any) -> ServerConfig:
-    """127.0.0.1, a free port, one ONNX Runtime thread, quiet text logs; overrides on top."""
+    """127.0.0.1, a free port, one ONNX Runtime thread, decoding on a thread of this process (so
+    tests can reach the scheduler and its engine), quiet text logs; overrides on top."""
     return ServerConfig(**{"model_dir": model_dir, "host": "127.0.0.1", "port": 0, "intra_op_threads": 1,
-                           "log_format": "text", "log_level": "warning", **overrides})
+                           "worker_process": "off", "log_format": "text", "log_level": "warning", **overrides})
 
 
 class InProcessServer:
@@ -42,7 +43,8 @@ class InProcessServer:
 
     @property
     def scheduler(self) -> Scheduler:
-        assert self.server.scheduler is not None
+        """The in-process scheduler (with `worker_process="off"`, the default here)."""
+        assert isinstance(self.server.scheduler, Scheduler), "worker_process is on: the scheduler is a process"
         return self.server.scheduler
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
@@ -50,7 +52,9 @@ class InProcessServer:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout or self.timeout)
 
     def close(self) -> None:
-        """Stop the server at once, then its loop."""
+        """Stop the server at once, then its loop (again: nothing)."""
+        if self.loop.is_closed():
+            return
         with contextlib.suppress(Exception):
             self.run(self.server.stop(0))
         self._stop_loop()

@@ -98,3 +98,25 @@ def grouping_server(model_dir: Path) -> Iterator[RunningServer]:
     running = RunningServer(server_config(model_dir, stream_interval=3))
     yield running
     running.close()
+
+
+@pytest.fixture(scope="session")
+def worker_server(model_dir: Path) -> Iterator[RunningServer]:
+    """A server decoding in a worker process of its own (`--worker-process on`)."""
+    running = RunningServer(server_config(model_dir, worker_process="on"))
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def start_server(model_dir: Path) -> Iterator[Callable[..., RunningServer]]:
+    """Start servers with config overrides; each is closed when the test ends."""
+    started: list[RunningServer] = []
+
+    def start(**overrides: Any) -> RunningServer:
+        started.append(RunningServer(server_config(model_dir, **overrides)))
+        return started[-1]
+
+    yield start
+    for running in started:
+        running.close()

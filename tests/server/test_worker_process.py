@@ -1,0 +1,173 @@
+"""The decoding loop in a worker process (`--worker-process on`, the server's default): the same
+results as in-process, deadlines, cancellation and backpressure across the process boundary, a
+worker that dies is replaced, and nothing is left running after the server stops."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from seqserve.model.data import dates_pairs, decode, encode_source, load_tokenizer
+from seqserve.model.errors import SeqserveError
+from seqserve.proto import seqserve_pb2 as pb
+from seqserve.server import main as server_main
+from seqserve.server.engine import OnnxSeq2Seq, greedy_generate
+from seqserve.server.worker import ProcessScheduler, WorkerOptions
+
+TIMEOUT = 30.0  # seconds, on every call
+SOURCES = [p.source for p in dates_pairs(16, seed=99)]
+LONG = pb.GenerationOptions(min_new_tokens=24, max_new_tokens=24)  # 24 steps: > 1 s at 50 ms a step
+
+
+def worker_of(server: Any) -> ProcessScheduler:
+    scheduler = server.server.scheduler
+    assert isinstance(scheduler, ProcessScheduler)
+    return scheduler
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def server(worker_server: Any) -> Any:
+    return worker_server
+
+
+@pytest.fixture
+def slow_server(start_server: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """One batch row, one queue slot, and 50 ms per decoder step in the worker."""
+    monkeypatch.setattr(server_main, "WorkerOptions", functools.partial(WorkerOptions, step_delay_s=0.05))
+    return start_server(worker_process="on", max_batch_size=1, max_queue=1)
+
+
+def test_results_equal_offline_greedy_unary_and_streamed(server: Any, model_dir: Path,
+                                                          offline_engine: OnnxSeq2Seq) -> None:
+    tokenizer = load_tokenizer(model_dir / "tokenizer.json")
+    expected = greedy_generate(offline_engine, [encode_source(tokenizer, t) for t in SOURCES], max_new_tokens=24)
+    response = server.stub.Generate(pb.GenerateRequest(inputs=SOURCES), timeout=TIMEOUT)
+    assert [list(r.sequences[0].token_ids) for r in response.results] == expected
+    for text, ids in zip(SOURCES[:4], expected):
+        messages = list(server.stub.GenerateStream(pb.GenerateStreamRequest(input=text), timeout=TIMEOUT))
+        pieces = [t for m in messages for t in m.tokens]
+        assert [t.token_id for t in pieces] == ids
+        assert "".join(t.text for t in pieces) == decode(tokenizer, ids) == messages[-1].result.sequences[0].text
+    assert worker_of(server).pid != os.getpid()
+
+
+def test_beam_sampling_and_scores_cross_the_process_boundary(server: Any) -> None:
+    beam = server.stub.Generate(pb.GenerateRequest(inputs=SOURCES[:2], options=pb.GenerationOptions(
+        strategy=pb.STRATEGY_BEAM, num_beams=4, num_return_sequences=2, return_log_probs=True,
+        return_alignments=True)), timeout=TIMEOUT)
+    for result in beam.results:
+        assert len(result.sequences) == 2 and result.sequences[0].score >= result.sequences[1].score
+        assert len(result.sequences[0].alignments) == len(result.sequences[0].token_ids)
+    options = pb.GenerationOptions(strategy=pb.STRATEGY_SAMPLING, num_return_sequences=2, seed=3, temperature=1.3)
+    first = server.stub.Generate(pb.GenerateRequest(inputs=SOURCES[:2], options=options), timeout=TIMEOUT)
+    second = server.stub.Generate(pb.GenerateRequest(inputs=SOURCES[:2], options=options), timeout=TIMEOUT)
+    assert [r.sequences for r in first.results] == [r.sequences for r in second.results]
+
+
+def test_step_metrics_reach_the_server_process(server: Any) -> None:
+    server.stub.Generate(pb.GenerateRequest(inputs=SOURCES[:3]), timeout=TIMEOUT)
+    text = server.server.metrics.text()
+    steps = [line for line in text.splitlines() if line.startswith("seqserve_step_seconds_count")]
+    assert steps and float(steps[0].split()[1]) > 0
+    encodes = [line for line in text.splitlines() if line.startswith("seqserve_encoder_seconds_count")]
+    assert encodes and float(encodes[0].split()[1]) > 0
+
+
+def test_invalid_request_fails_in_the_server_process(server: Any) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        server.stub.Generate(pb.GenerateRequest(inputs=[SOURCES[0]], options=pb.GenerationOptions(
+            max_new_tokens=10_000)), timeout=TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_new_tokens" in info.value.details()
+
+
+def test_worker_ignores_sigint_that_reaches_the_process_group(server: Any) -> None:
+    worker = worker_of(server)
+    assert worker.pid is not None
+    os.kill(worker.pid, signal.SIGINT)
+    time.sleep(0.2)
+    assert alive(worker.pid)
+    assert server.stub.Generate(pb.GenerateRequest(inputs=SOURCES[:1]), timeout=TIMEOUT).results
+
+
+def test_deadline_and_cancel_free_the_worker(slow_server: Any) -> None:
+    s, worker = slow_server, worker_of(slow_server)
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        s.stub.Generate(pb.GenerateRequest(inputs=[SOURCES[0]], options=LONG), timeout=0.3)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert worker.wait_idle(0.5) and time.monotonic() - start < 0.9  # long before 24 steps of 50 ms
+    call = s.stub.GenerateStream(pb.GenerateStreamRequest(input=SOURCES[0], options=LONG), timeout=TIMEOUT)
+    assert next(call).tokens
+    call.cancel()
+    assert worker.wait_idle(0.5)
+    s.wait_until(lambda: worker.active_rows == 0, timeout=0.5)
+
+
+def test_full_queue_is_resource_exhausted(slow_server: Any) -> None:
+    s, worker = slow_server, worker_of(slow_server)
+    request = pb.GenerateRequest(inputs=[SOURCES[0]], options=LONG)
+    running = s.stub.Generate.future(request, timeout=TIMEOUT)
+    s.wait_until(lambda: worker.active_rows == 1)
+    queued = s.stub.Generate.future(request, timeout=TIMEOUT)
+    s.wait_until(lambda: worker.queue_depth == 1)
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        s.stub.Generate(request, timeout=TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in info.value.details()
+    assert time.monotonic() - start < 0.5
+    running.cancel()
+    queued.cancel()
+
+
+def test_a_worker_that_dies_fails_its_requests_and_is_replaced(slow_server: Any) -> None:
+    s, worker = slow_server, worker_of(slow_server)
+    old_pid = worker.pid
+    assert old_pid is not None
+    call = s.stub.Generate.future(pb.GenerateRequest(inputs=[SOURCES[0]], options=LONG), timeout=TIMEOUT)
+    s.wait_until(lambda: worker.active_rows == 1)
+    os.kill(old_pid, signal.SIGKILL)
+    with pytest.raises(grpc.RpcError) as info:
+        call.result(TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "exited unexpectedly" in info.value.details()
+    s.wait_until(lambda: worker.restarts == 1 and worker.pid != old_pid, timeout=TIMEOUT)
+    result = s.stub.Generate(pb.GenerateRequest(inputs=[SOURCES[1]], options=pb.GenerationOptions(max_new_tokens=2)),
+                             timeout=TIMEOUT)
+    assert len(result.results[0].sequences[0].token_ids) <= 2
+    assert not alive(old_pid)
+
+
+def test_stopping_the_server_stops_the_worker(start_server: Callable[..., Any]) -> None:
+    running = start_server(worker_process="on")
+    pid = worker_of(running).pid
+    assert pid is not None and alive(pid)
+    running.close()
+    assert not alive(pid)
+
+
+def test_a_worker_that_cannot_load_the_model_is_a_startup_error(start_server: Callable[..., Any],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # The server process checks the model directory; what only the worker can find out (here: a
+    # device this build does not have) must still stop the start with the worker's reason.
+    monkeypatch.setattr(server_main, "WorkerOptions",
+                        lambda *a, **kw: dataclasses.replace(WorkerOptions(*a, **kw), device="cuda"))
+    if "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers():
+        pytest.skip("this ONNX Runtime build has CUDA")
+    with pytest.raises(SeqserveError, match="--device cuda"):
+        start_server(worker_process="on")
