@@ -6,6 +6,7 @@ Torch-free: the server opens model directories through this module.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -71,9 +72,10 @@ class ModelDir:
             return str(entry["sha256"])
         return hashlib.sha256(f"{entry['sha256']}:{entry['weights']['sha256']}".encode()).hexdigest()
 
-    @property
+    @functools.cached_property
     def version(self) -> str:
-        """Short model version: the first 12 hex digits of the decoder's digest (graph and weights)."""
+        """Short model version: the first 12 hex digits of the decoder's digest (graph and weights).
+        Cached: every response carries it."""
         return self.digest("decoder")[:12]
 
 

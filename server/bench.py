@@ -50,7 +50,7 @@ def _peak_rss_mb() -> int:
 
 
 def measure(model_dir: str, *, batch: int, new_tokens: int, source_len: int, threads: int, budget: float,
-            min_reps: int, max_reps: int, device: str = "cpu", spinning: bool = True) -> dict[str, Any]:
+            min_reps: int, max_reps: int, device: str = "cpu", spinning: str = "on") -> dict[str, Any]:
     """Median time of one call (encoder + exactly new_tokens steps for `batch` inputs); runs in a child."""
     import numpy as np
 
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source-len", type=int, default=32, help="source tokens per input (default 32)")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--spinning", choices=("on", "off"), default="on",
+    p.add_argument("--spinning", choices=("on", "run", "off"), default="on",
                    help="ONNX Runtime intra-op spin-waiting, as the server's --intra-op-spinning (default on)")
     p.add_argument("--budget", type=float, default=10.0, help="seconds of timed blocks per batch size (default 10)")
     p.add_argument("--min-reps", type=int, default=3)
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:  # one measurement, in a fresh process
         record = measure(args.model_dir, batch=args.batch[0], new_tokens=args.new_tokens, source_len=args.source_len,
                          threads=args.threads, budget=args.budget, min_reps=args.min_reps, max_reps=args.max_reps,
-                         device=args.device, spinning=args.spinning == "on")
+                         device=args.device, spinning=args.spinning)
         print(json.dumps(record), flush=True)
         return 0
 

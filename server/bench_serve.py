@@ -137,11 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens per request, exactly (default 16)")
     p.add_argument("--threads", type=int, default=0, help="server's ONNX Runtime intra-op threads (default all cores)")
     p.add_argument("--max-batch-size", type=int, default=32, help="server's max batch size (default 32)")
-    p.add_argument("--spinning", choices=("on", "off"), default="on",
+    p.add_argument("--spinning", choices=("on", "run", "off"), default="on",
                    help="server's --intra-op-spinning (default on)")
     p.add_argument("--stream-interval", type=int, default=1, help="server's --stream-interval (default 1)")
-    p.add_argument("--worker-process", choices=("on", "off"), default="on",
-                   help="server's --worker-process (default on)")
+    p.add_argument("--worker-process", choices=("on", "off"), default="off",
+                   help="server's --worker-process (default off)")
     p.add_argument("--json", type=Path, help="also write the report here")
     args = p.parse_args(argv)
     levels = [int(x) for x in args.streams.split(",")]

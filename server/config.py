@@ -19,6 +19,7 @@ from seqserve.model.errors import SeqserveError
 
 DEVICES = ("auto", "cpu", "cuda")
 ON_OFF = ("on", "off")
+SPINNING = ("on", "run", "off")  # server.engine.SPINNING
 OPTIMIZATIONS = ("disable", "basic", "extended", "all")  # server.engine.OPTIMIZATION_LEVELS
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -41,8 +42,8 @@ class ServerConfig:
     intra_op_threads: int = 0  # ONNX Runtime threads inside one operator; 0 = one per core
     inter_op_threads: int = 1  # ONNX Runtime threads across operators
     optimization: str = "all"  # ONNX Runtime graph optimization level
-    intra_op_spinning: str = "on"  # on: idle intra-op threads spin for the next kernel (fastest on free cores)
-    worker_process: str = "on"  # on: the decoding loop runs in a child process with its own GIL; off: a thread
+    intra_op_spinning: str = "on"  # on | run (spin only within a decoder step) | off: idle intra-op threads spin-wait
+    worker_process: str = "off"  # on: the decoding loop runs in a child process with its own GIL; off: a thread
     max_batch_size: int = 32  # most rows (inputs, beams, samples) decoded together in one step
     max_queue: int = 128  # most requests waiting for a batch row; beyond it RESOURCE_EXHAUSTED
     max_inputs_per_request: int = 32  # most inputs in one Generate call
@@ -71,7 +72,7 @@ class ServerConfig:
             ("intra_op_threads", self.intra_op_threads >= 0, "must be >= 0 (0 = one per core)"),
             ("inter_op_threads", self.inter_op_threads >= 0, "must be >= 0"),
             ("optimization", self.optimization in OPTIMIZATIONS, f"must be one of {', '.join(OPTIMIZATIONS)}"),
-            ("intra_op_spinning", self.intra_op_spinning in ON_OFF, "must be on or off"),
+            ("intra_op_spinning", self.intra_op_spinning in SPINNING, f"must be one of {', '.join(SPINNING)}"),
             ("worker_process", self.worker_process in ON_OFF, "must be on or off"),
             ("max_batch_size", self.max_batch_size >= 1, "must be >= 1"),
             ("max_queue", self.max_queue >= 1, "must be >= 1"),
@@ -128,10 +129,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("intra_op_threads", int, "ONNX Runtime intra-op threads; 0 = one per core"),
     Setting("inter_op_threads", int, "ONNX Runtime inter-op threads"),
     Setting("optimization", str, "ONNX Runtime graph optimization level", OPTIMIZATIONS),
-    Setting("intra_op_spinning", str, "idle intra-op threads spin-wait for the next kernel: fastest on cores "
-            "the server has to itself, 'off' where busy neighbours share them", ON_OFF),
-    Setting("worker_process", str, "run the decoding loop in a child process with its own GIL (on), or in a "
-            "thread of the server process (off: one process, slower under load)", ON_OFF),
+    Setting("intra_op_spinning", str, "idle intra-op threads spin-wait for the next kernel: 'on' also between "
+            "decoder steps (fastest on cores the server has to itself), 'run' only within a step (they park "
+            "when it ends, leaving the cores to gRPC), 'off' never", SPINNING),
+    Setting("worker_process", str, "run the decoding loop in a child process with its own GIL and a restart "
+            "if it dies (on), or in a thread of the server process (off: faster on 2 shared cores, README)", ON_OFF),
     Setting("max_batch_size", int, "most rows (inputs, beams, samples) decoded together"),
     Setting("max_queue", int, "most requests waiting for a row; beyond it RESOURCE_EXHAUSTED"),
     Setting("max_inputs_per_request", int, "most inputs in one Generate call"),

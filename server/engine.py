@@ -21,6 +21,9 @@ from seqserve.model.errors import SeqserveError
 log = logging.getLogger(__name__)
 
 Device = Literal["auto", "cpu", "cuda"]
+# Intra-op threads spin-wait for work: "on" between kernels and between runs, "run" between the
+# kernels of one run only (they park when it returns), "off" never (woken for every kernel).
+SPINNING = ("on", "run", "off")
 
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -52,9 +55,12 @@ class OnnxSeq2Seq:
 
     def __init__(self, model_dir: ModelDir | str | os.PathLike, *, device: Device = "auto",
                  intra_op_threads: int = 0, inter_op_threads: int = 1,
-                 optimization: str = "all", spinning: bool = True) -> None:
+                 optimization: str = "all", spinning: bool | str = "on") -> None:
         self.model_dir = model_dir if isinstance(model_dir, ModelDir) else open_model_dir(model_dir)
         self.config = self.model_dir.config
+        spin = ("on" if spinning else "off") if isinstance(spinning, bool) else spinning
+        if spin not in SPINNING:
+            raise SeqserveError(f"spinning must be one of {', '.join(SPINNING)}, got {spinning!r}")
         if optimization not in OPTIMIZATION_LEVELS:
             raise SeqserveError(f"optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}, got {optimization!r}")
 
@@ -63,7 +69,7 @@ class OnnxSeq2Seq:
             opts.intra_op_num_threads = intra_op_threads
             opts.inter_op_num_threads = inter_op_threads
             opts.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if spin == "off" else "1")
             if stop_spinning_after_run:
                 opts.add_session_config_entry("session.force_spinning_stop", "1")
             return opts
@@ -77,7 +83,8 @@ class OnnxSeq2Seq:
         providers = choose_providers(device)
         self.encoder = ort.InferenceSession(str(self.model_dir.encoder_path),
                                             options(stop_spinning_after_run=True), providers=providers)
-        self.decoder = ort.InferenceSession(str(self.model_dir.decoder_path), options(), providers=providers)
+        self.decoder = ort.InferenceSession(str(self.model_dir.decoder_path),
+                                            options(stop_spinning_after_run=spin == "run"), providers=providers)
         # ONNX Runtime silently falls back to CPU when CUDA cannot load: check what it actually uses.
         self.providers = self.decoder.get_providers()
         if device == "cuda" and "CUDAExecutionProvider" not in self.providers:

@@ -127,15 +127,12 @@ class Scheduler:
     """Runs requests through one continuously batched decoding loop on a worker thread."""
 
     def __init__(self, engine: StepEngine, *, max_batch_size: int = 32, max_queue: int = 128,
-                 observer: SchedulerObserver | None = None, after_step: Callable[[], None] | None = None) -> None:
-        """`after_step` runs on the worker thread at the end of every step boundary (the worker
-        process sends the step's tokens and results to the server process from it)."""
+                 observer: SchedulerObserver | None = None) -> None:
         self.engine = engine
         self.config = engine.config
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.observer = observer
-        self.after_step = after_step
         self._waiting: deque[_Request] = deque()
         self._lock = threading.Condition()
         self._closed = False
@@ -239,25 +236,37 @@ class Scheduler:
                     self._lock.wait()
                 if self._stopping:
                     return
-            try:
-                # One iteration = one step boundary; what the observer gets as the step's time is
-                # the whole iteration minus the encoder pass, so Python's share is honest.
-                start = time.perf_counter()
+            self.step_boundary()
+
+    @property
+    def has_work(self) -> bool:
+        """Requests are queued or decoding (what `step_boundary` would act on)."""
+        return bool(self._waiting or self._active)
+
+    def step_boundary(self) -> None:
+        """One step boundary: drop finished rows, admit waiting requests, one decoder step.
+
+        The worker thread calls it in a loop; a caller that drives the loop itself (the worker
+        process, which reads its commands between steps on the same thread) calls it instead of
+        `start()`.
+        """
+        try:
+            # What the observer gets as the step's time is the whole boundary minus the encoder
+            # pass, so Python's share is honest.
+            start = time.perf_counter()
+            self._drop_finished()
+            encoder_seconds = self._admit()
+            if self._active:
+                rows = self._row_count
+                run_seconds = self._step()
                 self._drop_finished()
-                encoder_seconds = self._admit()
-                if self._active:
-                    rows = self._row_count
-                    run_seconds = self._step()
-                    self._drop_finished()
-                    if self.observer:
-                        self.observer.on_step(rows, time.perf_counter() - start - encoder_seconds, run_seconds)
-            except Exception as exc:  # a bug, or the engine failing: fail the batch, keep serving
-                log.exception("decoding step failed")
-                for request in self._active:
-                    self._fail(request, errors.ServingError(f"decoding failed: {type(exc).__name__}: {exc}"))
-                self._clear_batch()
-            if self.after_step is not None:
-                self.after_step()
+                if self.observer:
+                    self.observer.on_step(rows, time.perf_counter() - start - encoder_seconds, run_seconds)
+        except Exception as exc:  # a bug, or the engine failing: fail the batch, keep serving
+            log.exception("decoding step failed")
+            for request in self._active:
+                self._fail(request, errors.ServingError(f"decoding failed: {type(exc).__name__}: {exc}"))
+            self._clear_batch()
 
     def _clear_batch(self) -> None:
         self._active, self._batch, self._row_count = [], None, 0

@@ -19,10 +19,9 @@ T = TypeVar("T")
 
 
 def loopback_config(model_dir: str | Path, **overrides: Any) -> ServerConfig:
-    """127.0.0.1, a free port, one ONNX Runtime thread, decoding on a thread of this process (so
-    tests can reach the scheduler and its engine), quiet text logs; overrides on top."""
+    """127.0.0.1, a free port, one ONNX Runtime thread, quiet text logs; overrides on top."""
     return ServerConfig(**{"model_dir": model_dir, "host": "127.0.0.1", "port": 0, "intra_op_threads": 1,
-                           "worker_process": "off", "log_format": "text", "log_level": "warning", **overrides})
+                           "log_format": "text", "log_level": "warning", **overrides})
 
 
 class InProcessServer:

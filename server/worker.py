@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from seqserve.export.model_dir import ModelDir
+from seqserve.export.model_dir import ModelDir, open_model_dir
 from seqserve.model.errors import SeqserveError
 from seqserve.server import errors
 from seqserve.server.generation import GenerationParams, RequestResult, TokenEvent
@@ -63,7 +63,7 @@ class WorkerOptions:
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     optimization: str = "all"
-    spinning: bool = True
+    spinning: str = "on"  # server.engine.SPINNING
     max_batch_size: int = 32
     max_queue: int = 128
     log_format: str = "json"
@@ -317,23 +317,20 @@ class _Outbox:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.events: list[tuple[Any, ...]] = []
-        self.lock = threading.Lock()
-        self.broken = threading.Event()
+        self.broken = False  # the server process is gone
 
     def put(self, event: tuple[Any, ...]) -> None:
-        with self.lock:
-            self.events.append(event)
+        self.events.append(event)
 
     def flush(self) -> None:
-        """Send what has gathered (worker thread after each step; command thread after each command)."""
-        with self.lock:
-            if not self.events or self.broken.is_set():
-                return
-            events, self.events = self.events, []
-            try:
-                self.conn.send(events)
-            except OSError:  # the server process is gone
-                self.broken.set()
+        """Send what has gathered since the last flush."""
+        if not self.events or self.broken:
+            return
+        events, self.events = self.events, []
+        try:
+            self.conn.send(events)
+        except OSError:
+            self.broken = True
 
     def on_encode(self, requests: int, seconds: float) -> None:
         self.put(("encode", requests, seconds))
@@ -346,12 +343,21 @@ class _Outbox:
 
 
 def run_worker(conn: Connection, options: WorkerOptions) -> int:
-    """The worker process: load the engine, then serve commands until told to stop or orphaned."""
+    """The worker process: load the engine, then decode and serve commands until told to stop or orphaned.
+
+    One thread does everything: between two step boundaries it takes every command that has
+    arrived (without waiting), and it waits for the next command only when nothing is left to
+    decode. A second thread reading commands would take the GIL from the decoding loop at every
+    request, the contention this process exists to avoid.
+    """
     from seqserve.server.engine import OnnxSeq2Seq
     from seqserve.server.scheduler import Scheduler
 
     try:
-        engine = OnnxSeq2Seq(options.model_dir, device=options.device,  # type: ignore[arg-type]
+        # The server process has checked the files' sha256 already; hashing them again would only
+        # slow the start.
+        model_dir = open_model_dir(options.model_dir, check_hashes=False)
+        engine = OnnxSeq2Seq(model_dir, device=options.device,  # type: ignore[arg-type]
                              intra_op_threads=options.intra_op_threads, inter_op_threads=options.inter_op_threads,
                              optimization=options.optimization, spinning=options.spinning)
     except Exception as exc:
@@ -366,18 +372,8 @@ def run_worker(conn: Connection, options: WorkerOptions) -> int:
 
         engine.decode = slow_decode  # type: ignore[method-assign]
     outbox = _Outbox(conn)
-    rows_sent = 0
-
-    def after_step() -> None:  # the worker thread, at the end of every step boundary
-        nonlocal rows_sent
-        if scheduler.active_rows != rows_sent:
-            rows_sent = scheduler.active_rows
-            outbox.put(("rows", rows_sent))
-        outbox.flush()
-
     scheduler = Scheduler(engine, max_batch_size=options.max_batch_size, max_queue=options.max_queue,
-                          observer=outbox, after_step=after_step)
-    scheduler.start()
+                          observer=outbox)
     conn.send(("ready", list(engine.providers)))
     handles: dict[int, RequestHandle] = {}
 
@@ -393,11 +389,8 @@ def run_worker(conn: Connection, options: WorkerOptions) -> int:
             outbox.put(("token", request_id, e.sequence, e.index, e.token_id, e.log_prob, e.alignment))
         return on_token
 
-    while not outbox.broken.is_set():
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):  # the server process is gone: nobody wants the results
-            break
+    def command(message: tuple[Any, ...]) -> bool:
+        """Carry out one command; False for stop."""
         kind = message[0]
         if kind == "submit":
             _, request_id, source_ids, params, deadline, submitted, stream = message
@@ -416,7 +409,24 @@ def run_worker(conn: Connection, options: WorkerOptions) -> int:
         elif kind == "close":
             scheduler.close()
         elif kind == "stop":
+            return False
+        return True
+
+    rows_sent = 0
+    running = True
+    while running and not outbox.broken:
+        try:
+            wait: float | None = 0.0 if scheduler.has_work else None  # block only when idle
+            while running and conn.poll(wait):
+                running = command(conn.recv())
+                wait = 0.0
+        except (EOFError, OSError):  # the server process is gone: nobody wants the results
             break
+        if running and scheduler.has_work:
+            scheduler.step_boundary()
+        if scheduler.active_rows != rows_sent:
+            rows_sent = scheduler.active_rows
+            outbox.put(("rows", rows_sent))
         outbox.flush()
     scheduler.stop()
     outbox.flush()

@@ -1,5 +1,5 @@
-"""What the engine asks of ONNX Runtime's sessions: spin-waiting threads for the decoder (or not),
-and an encoder whose threads stop spinning once its run returns."""
+"""What the engine asks of ONNX Runtime's sessions: spin-waiting threads for the decoder (always,
+only within a step, or never), and an encoder whose threads stop spinning once its run returns."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from seqserve.model.errors import SeqserveError
 from seqserve.server.engine import OnnxSeq2Seq
 from seqserve.server.testing import InProcessServer, loopback_config
 
@@ -24,6 +25,14 @@ def test_spinning_reaches_both_sessions(model_dir: Path, spinning: bool) -> None
     assert encoder.get_session_config_entry(STOP) == "1"
     with pytest.raises(RuntimeError, match="does not have configuration"):
         decoder.get_session_config_entry(STOP)
+
+
+def test_spinning_within_a_step_only_parks_the_decoder_threads_after_each_run(model_dir: Path) -> None:
+    engine = OnnxSeq2Seq(model_dir, device="cpu", intra_op_threads=2, spinning="run")
+    decoder = engine.decoder.get_session_options()
+    assert decoder.get_session_config_entry(SPIN) == "1" and decoder.get_session_config_entry(STOP) == "1"
+    with pytest.raises(SeqserveError, match="spinning must be one of on, run, off"):
+        OnnxSeq2Seq(model_dir, device="cpu", spinning="sometimes")
 
 
 def test_server_flag_reaches_the_decoder(model_dir: Path) -> None:

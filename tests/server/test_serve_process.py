@@ -84,8 +84,9 @@ def serve_process() -> Iterator[Callable[..., ServeProcess]]:
         process.kill()
 
 
-def test_serve_without_torch_and_sigterm_drains(model_dir: Path,
-                                                 serve_process: Callable[..., ServeProcess]) -> None:
+@pytest.mark.parametrize("worker_process", ["off", "on"])
+def test_serve_without_torch_and_sigterm_drains(model_dir: Path, serve_process: Callable[..., ServeProcess],
+                                                worker_process: str) -> None:
     # One batch row and 2 x 128 inputs of 24 forced tokens ahead of the stream: about a second of
     # decoding on a fast machine, so all three calls are still in flight when SIGTERM is handled.
     with socket.socket() as s:  # a free port for /metrics
@@ -93,7 +94,8 @@ def test_serve_without_torch_and_sigterm_drains(model_dir: Path,
         metrics_port = s.getsockname()[1]
     process = serve_process(str(model_dir), "--host", "127.0.0.1", "--port", "0", "--max-batch-size", "1",
                             "--max-queue", "512", "--max-inputs-per-request", "128", "--grace-period", "30",
-                            "--intra-op-threads", "1", "--metrics-port", str(metrics_port))
+                            "--intra-op-threads", "1", "--metrics-port", str(metrics_port),
+                            "--worker-process", worker_process)
     serving = process.wait_for_event("serving")
     port, pid = serving["port"], process.proc.pid
     assert serving["metrics_port"] == metrics_port
@@ -101,8 +103,11 @@ def test_serve_without_torch_and_sigterm_drains(model_dir: Path,
         steps = re.search(r"^seqserve_step_seconds_count (\S+)$", response.read().decode(), re.MULTILINE)
     assert steps and float(steps.group(1)) >= 1  # the warm-up generation's steps
 
-    maps = Path(f"/proc/{pid}/maps").read_text()
-    assert "libtorch" not in maps and "/torch/" not in maps, "the server process loaded torch"
+    workers = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    assert len(workers) == (1 if worker_process == "on" else 0)
+    for process_id in (pid, *workers):
+        maps = Path(f"/proc/{process_id}/maps").read_text()
+        assert "libtorch" not in maps and "/torch/" not in maps, "the server loaded torch"
 
     sources = [p.source for p in dates_pairs(128, seed=99)]
     forced = pb.GenerationOptions(min_new_tokens=24, max_new_tokens=24)
@@ -148,6 +153,7 @@ def test_serve_without_torch_and_sigterm_drains(model_dir: Path,
 
     assert process.proc.wait(TIMEOUT) == 0
     assert process.wait_for_event("stopped")["drained"] is True
+    assert not any(Path(f"/proc/{w}").exists() for w in workers), "the worker process outlived the server"
     # One JSON line per request, with its status and token counts.
     requests = [json.loads(line) for line in process.log if '"event": "request"' in line]
     statuses = sorted((r["method"], r["status"], r["inputs"]) for r in requests)

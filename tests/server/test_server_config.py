@@ -73,8 +73,17 @@ def test_intra_op_spinning_is_on_by_default_and_can_be_turned_off() -> None:
     assert parse_args(["m"], environ={}).intra_op_spinning == "on"
     assert parse_args(["m", "--intra-op-spinning", "off"], environ={}).intra_op_spinning == "off"
     assert parse_args(["m"], environ={"SEQSERVE_INTRA_OP_SPINNING": "off"}).intra_op_spinning == "off"
+    assert parse_args(["m", "--intra-op-spinning", "run"], environ={}).intra_op_spinning == "run"
     with pytest.raises(ConfigError, match="SEQSERVE_INTRA_OP_SPINNING='sometimes'"):
         parse_args(["m"], environ={"SEQSERVE_INTRA_OP_SPINNING": "sometimes"})
+
+
+def test_worker_process_is_off_by_default_and_can_be_turned_on(tmp_path: Path) -> None:
+    assert parse_args(["m"], environ={}).worker_process == "off"
+    assert parse_args(["m", "--worker-process", "on"], environ={}).worker_process == "on"
+    assert parse_args(["m"], environ={"SEQSERVE_WORKER_PROCESS": "on"}).worker_process == "on"
+    with pytest.raises(ConfigError, match=r"worker_process \(--worker-process, SEQSERVE_WORKER_PROCESS\)"):
+        ServerConfig(model_dir=tmp_path, worker_process="maybe")
 
 
 def test_stream_interval_is_checked() -> None:

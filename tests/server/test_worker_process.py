@@ -171,3 +171,13 @@ def test_a_worker_that_cannot_load_the_model_is_a_startup_error(start_server: Ca
         pytest.skip("this ONNX Runtime build has CUDA")
     with pytest.raises(SeqserveError, match="--device cuda"):
         start_server(worker_process="on")
+
+
+def test_errors_keep_their_field_across_the_pipe() -> None:
+    import pickle
+
+    from seqserve.server import errors
+
+    error = pickle.loads(pickle.dumps(errors.InvalidRequest("num_beams", "must be <= 8")))
+    assert isinstance(error, errors.InvalidRequest) and error.field == "num_beams"
+    assert str(error) == "num_beams: must be <= 8" and error.code == grpc.StatusCode.INVALID_ARGUMENT
