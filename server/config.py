@@ -19,6 +19,7 @@ from seqserve.model.errors import SeqserveError
 
 DEVICES = ("auto", "cpu", "cuda")
 ON_OFF = ("on", "off")
+IO_BINDINGS = ("auto", "on", "off")  # server.engine.IO_BINDINGS
 OPTIMIZATIONS = ("disable", "basic", "extended", "all")  # server.engine.OPTIMIZATION_LEVELS
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -42,6 +43,7 @@ class ServerConfig:
     inter_op_threads: int = 1  # ONNX Runtime threads across operators
     optimization: str = "all"  # ONNX Runtime graph optimization level
     intra_op_spinning: str = "on"  # on: idle intra-op threads spin for the next kernel (fastest on free cores)
+    io_binding: str = "auto"  # KV cache kept on the device between steps: auto (on CUDA only) | on | off
     max_batch_size: int = 32  # most rows (inputs, beams, samples) decoded together in one step
     max_queue: int = 128  # most requests waiting for a batch row; beyond it RESOURCE_EXHAUSTED
     max_inputs_per_request: int = 32  # most inputs in one Generate call
@@ -71,6 +73,7 @@ class ServerConfig:
             ("inter_op_threads", self.inter_op_threads >= 0, "must be >= 0"),
             ("optimization", self.optimization in OPTIMIZATIONS, f"must be one of {', '.join(OPTIMIZATIONS)}"),
             ("intra_op_spinning", self.intra_op_spinning in ON_OFF, "must be on or off"),
+            ("io_binding", self.io_binding in IO_BINDINGS, f"must be one of {', '.join(IO_BINDINGS)}"),
             ("max_batch_size", self.max_batch_size >= 1, "must be >= 1"),
             ("max_queue", self.max_queue >= 1, "must be >= 1"),
             ("max_inputs_per_request", self.max_inputs_per_request >= 1, "must be >= 1"),
@@ -128,6 +131,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("optimization", str, "ONNX Runtime graph optimization level", OPTIMIZATIONS),
     Setting("intra_op_spinning", str, "idle intra-op threads spin-wait for the next kernel: fastest on cores "
             "the server has to itself, 'off' where busy neighbours share them", ON_OFF),
+    Setting("io_binding", str, "keep the KV cache on the device between decoder steps (ONNX Runtime I/O "
+            "binding); auto: on with CUDA, off on CPU where numpy is zero-copy; 'on' forces it (tests)", IO_BINDINGS),
     Setting("max_batch_size", int, "most rows (inputs, beams, samples) decoded together"),
     Setting("max_queue", int, "most requests waiting for a row; beyond it RESOURCE_EXHAUSTED"),
     Setting("max_inputs_per_request", int, "most inputs in one Generate call"),

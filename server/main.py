@@ -62,7 +62,7 @@ class SeqServeServer:
         engine, tokenizer = await asyncio.to_thread(
             lambda: (OnnxSeq2Seq(model_dir, device=config.device, intra_op_threads=config.intra_op_threads,  # type: ignore[arg-type]
                                  inter_op_threads=config.inter_op_threads, optimization=config.optimization,
-                                 spinning=config.intra_op_spinning == "on"),
+                                 spinning=config.intra_op_spinning == "on", io_binding=config.io_binding),  # type: ignore[arg-type]
                      load_tokenizer(model_dir.tokenizer_path)))
         self.scheduler = Scheduler(engine, max_batch_size=config.max_batch_size, max_queue=config.max_queue,
                                    observer=self.metrics)

@@ -16,10 +16,12 @@ import pytest
 from seqserve.model.errors import SeqserveError
 from seqserve.server import device_cache as device_cache_module
 from seqserve.server.batch import HOST
+from seqserve.server.config import ConfigError, parse_args
 from seqserve.server.device_cache import DeviceCache, DeviceCacheError, to_numpy
 from seqserve.server.engine import OnnxSeq2Seq, greedy_generate
 from seqserve.server.generation import GenerationParams, RequestResult, Strategy
 from seqserve.server.scheduler import Scheduler
+from seqserve.server.testing import InProcessServer, loopback_config
 
 CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -201,6 +203,21 @@ def test_forcing_it_without_onnx_fails_at_load(model_dir: Path, monkeypatch: pyt
     with pytest.raises(DeviceCacheError, match="onnx"):
         OnnxSeq2Seq(model_dir, device="cpu", io_binding="on")
     assert OnnxSeq2Seq(model_dir, device="cpu", io_binding="auto").device_cache is None
+
+
+def test_io_binding_setting() -> None:
+    assert parse_args(["m"], environ={}).io_binding == "auto"
+    assert parse_args(["m", "--io-binding", "on"], environ={}).io_binding == "on"
+    assert parse_args(["m"], environ={"SEQSERVE_IO_BINDING": "off"}).io_binding == "off"
+    assert parse_args(["m", "--io-binding", "auto"], environ={"SEQSERVE_IO_BINDING": "off"}).io_binding == "auto"
+    with pytest.raises(ConfigError, match="SEQSERVE_IO_BINDING='gpu': expected one of auto, on, off"):
+        parse_args(["m"], environ={"SEQSERVE_IO_BINDING": "gpu"})
+
+
+def test_server_flag_reaches_the_engine(model_dir: Path) -> None:
+    with InProcessServer(loopback_config(model_dir, io_binding="on")) as server:
+        engine = server.scheduler.engine
+        assert isinstance(engine, OnnxSeq2Seq) and isinstance(engine.device_cache, DeviceCache)
 
 
 # -- on a GPU ------------------------------------------------------------------------------------
