@@ -20,6 +20,7 @@ from seqserve.model.errors import SeqserveError
 DEVICES = ("auto", "cpu", "cuda")
 ON_OFF = ("on", "off")
 SPINNING = ("on", "run", "off")  # server.engine.SPINNING
+IO_BINDINGS = ("auto", "on", "off")  # server.engine.IO_BINDINGS
 OPTIMIZATIONS = ("disable", "basic", "extended", "all")  # server.engine.OPTIMIZATION_LEVELS
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -44,6 +45,7 @@ class ServerConfig:
     optimization: str = "all"  # ONNX Runtime graph optimization level
     intra_op_spinning: str = "on"  # on | run (spin only within a decoder step) | off: idle intra-op threads spin-wait
     worker_process: str = "off"  # on: the decoding loop runs in a child process with its own GIL; off: a thread
+    io_binding: str = "auto"  # KV cache kept on the device between steps: auto (on CUDA only) | on | off
     max_batch_size: int = 32  # most rows (inputs, beams, samples) decoded together in one step
     max_queue: int = 128  # most requests waiting for a batch row; beyond it RESOURCE_EXHAUSTED
     max_inputs_per_request: int = 32  # most inputs in one Generate call
@@ -74,6 +76,7 @@ class ServerConfig:
             ("optimization", self.optimization in OPTIMIZATIONS, f"must be one of {', '.join(OPTIMIZATIONS)}"),
             ("intra_op_spinning", self.intra_op_spinning in SPINNING, f"must be one of {', '.join(SPINNING)}"),
             ("worker_process", self.worker_process in ON_OFF, "must be on or off"),
+            ("io_binding", self.io_binding in IO_BINDINGS, f"must be one of {', '.join(IO_BINDINGS)}"),
             ("max_batch_size", self.max_batch_size >= 1, "must be >= 1"),
             ("max_queue", self.max_queue >= 1, "must be >= 1"),
             ("max_inputs_per_request", self.max_inputs_per_request >= 1, "must be >= 1"),
@@ -134,6 +137,8 @@ SETTINGS: tuple[Setting, ...] = (
             "when it ends, leaving the cores to gRPC), 'off' never", SPINNING),
     Setting("worker_process", str, "run the decoding loop in a child process with its own GIL and a restart "
             "if it dies (on), or in a thread of the server process (off: faster on 2 shared cores, README)", ON_OFF),
+    Setting("io_binding", str, "keep the KV cache on the device between decoder steps (ONNX Runtime I/O "
+            "binding); auto: on with CUDA, off on CPU where numpy is zero-copy; 'on' forces it (tests)", IO_BINDINGS),
     Setting("max_batch_size", int, "most rows (inputs, beams, samples) decoded together"),
     Setting("max_queue", int, "most requests waiting for a row; beyond it RESOURCE_EXHAUSTED"),
     Setting("max_inputs_per_request", int, "most inputs in one Generate call"),

@@ -17,6 +17,7 @@ import onnxruntime as ort
 from seqserve.export import names
 from seqserve.export.model_dir import ModelDir, open_model_dir
 from seqserve.model.errors import SeqserveError
+from seqserve.server.device_cache import DeviceCache, DeviceCacheError
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,8 @@ Device = Literal["auto", "cpu", "cuda"]
 # Intra-op threads spin-wait for work: "on" between kernels and between runs, "run" between the
 # kernels of one run only (they park when it returns), "off" never (woken for every kernel).
 SPINNING = ("on", "run", "off")
+IoBinding = Literal["auto", "on", "off"]
+IO_BINDINGS = ("auto", "on", "off")
 
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -55,7 +58,7 @@ class OnnxSeq2Seq:
 
     def __init__(self, model_dir: ModelDir | str | os.PathLike, *, device: Device = "auto",
                  intra_op_threads: int = 0, inter_op_threads: int = 1,
-                 optimization: str = "all", spinning: bool | str = "on") -> None:
+                 optimization: str = "all", spinning: bool | str = "on", io_binding: IoBinding = "auto") -> None:
         self.model_dir = model_dir if isinstance(model_dir, ModelDir) else open_model_dir(model_dir)
         self.config = self.model_dir.config
         spin = ("on" if spinning else "off") if isinstance(spinning, bool) else spinning
@@ -63,6 +66,8 @@ class OnnxSeq2Seq:
             raise SeqserveError(f"spinning must be one of {', '.join(SPINNING)}, got {spinning!r}")
         if optimization not in OPTIMIZATION_LEVELS:
             raise SeqserveError(f"optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}, got {optimization!r}")
+        if io_binding not in IO_BINDINGS:
+            raise SeqserveError(f"io_binding must be one of {', '.join(IO_BINDINGS)}, got {io_binding!r}")
 
         def options(stop_spinning_after_run: bool = False) -> ort.SessionOptions:
             opts = ort.SessionOptions()
@@ -90,6 +95,26 @@ class OnnxSeq2Seq:
         if device == "cuda" and "CUDAExecutionProvider" not in self.providers:
             raise DeviceError(f"--device cuda: CUDA could not be loaded; sessions run on {', '.join(self.providers)}")
         log.info("model %s loaded on %s", self.model_dir.path, ", ".join(self.providers))
+        self.device_cache = self._device_cache(io_binding)
+
+    def _device_cache(self, io_binding: IoBinding) -> DeviceCache | None:
+        """The device-resident KV cache for the scheduler's batch, or None for numpy K/V.
+
+        On CUDA numpy K/V would cross to the GPU and back at every step; on CPU numpy is already
+        zero-copy, and the OrtValue path only adds binding work, so `auto` keeps numpy there.
+        """
+        on_cuda = "CUDAExecutionProvider" in self.providers
+        if io_binding == "off" or (io_binding == "auto" and not on_cuda):
+            log.info("decoder KV cache: numpy on the host, passed to ONNX Runtime each step")
+            return None
+        try:
+            return DeviceCache(self.decoder)
+        except DeviceCacheError as exc:
+            if io_binding == "on":
+                raise
+            # auto on CUDA without the onnx package: still serve, only slower.
+            log.warning("%s; the KV cache goes through the host each step instead", exc)
+            return None
 
     def encode(self, source_ids: np.ndarray, source_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, S) int64 ids and bool mask -> cross-attention K, V (L, B, H, S, Dh)."""
@@ -99,7 +124,11 @@ class OnnxSeq2Seq:
     def decode(self, tokens: np.ndarray, positions: np.ndarray, past_key: np.ndarray, past_value: np.ndarray,
                self_mask: np.ndarray, cross_key: np.ndarray, cross_value: np.ndarray,
                source_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """One decoder step; see `export.names` for shapes. Returns logits, present K, present V, alignment."""
+        """One decoder step; see `export.names` for shapes. Returns logits, present K, present V, alignment.
+
+        numpy in and out whatever `io_binding` says (greedy_generate, benchmarks); the scheduler's
+        batch uses `device_cache.decode` instead when there is one.
+        """
         feeds = dict(zip(names.DECODER_INPUTS, (tokens, positions, past_key, past_value, self_mask,
                                                  cross_key, cross_value, source_mask)))
         logits, present_key, present_value, alignment = self.decoder.run(None, feeds)

@@ -66,7 +66,7 @@ class SeqServeServer:
             scheduler = ProcessScheduler(model_dir, WorkerOptions(
                 str(model_dir.path), device=config.device, intra_op_threads=config.intra_op_threads,
                 inter_op_threads=config.inter_op_threads, optimization=config.optimization,
-                spinning=config.intra_op_spinning, max_batch_size=config.max_batch_size,
+                spinning=config.intra_op_spinning, io_binding=config.io_binding, max_batch_size=config.max_batch_size,
                 max_queue=config.max_queue, log_format=config.log_format, log_level=config.log_level),
                 self._loop, observer=self.metrics, on_worker_lost=self._worker_lost)
             self.scheduler = scheduler
@@ -76,7 +76,7 @@ class SeqServeServer:
             engine = await asyncio.to_thread(
                 OnnxSeq2Seq, model_dir, device=config.device, intra_op_threads=config.intra_op_threads,  # type: ignore[arg-type]
                 inter_op_threads=config.inter_op_threads, optimization=config.optimization,
-                spinning=config.intra_op_spinning)
+                spinning=config.intra_op_spinning, io_binding=config.io_binding)  # type: ignore[arg-type]
             scheduler = self.scheduler = Scheduler(engine, max_batch_size=config.max_batch_size,
                                                    max_queue=config.max_queue, observer=self.metrics)
             scheduler.start()

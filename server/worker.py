@@ -14,7 +14,7 @@ The two talk over one pipe (`multiprocessing.connection`, pickled tuples):
   ("token", id, sequence, index, token_id, log_prob, alignment), ("done", id, RequestResult),
   ("error", id, ServingError), ("rows", rows in the batch) when it changed, and the observer's
   ("encode", ...), ("step", ...), ("depth", ...).
-  The first message is ("ready", providers) or ("failed", reason).
+  The first message is ("ready", {providers, kv_cache_on_device}) or ("failed", reason).
 
 The worker ignores SIGINT and SIGTERM: the server process decides when it stops (after draining),
 and a Ctrl-C that reaches the whole process group must not cut decoding short. It exits when the
@@ -64,6 +64,7 @@ class WorkerOptions:
     inter_op_threads: int = 1
     optimization: str = "all"
     spinning: str = "on"  # server.engine.SPINNING
+    io_binding: str = "auto"  # server.engine.IO_BINDINGS
     max_batch_size: int = 32
     max_queue: int = 128
     log_format: str = "json"
@@ -102,6 +103,7 @@ class ProcessScheduler:
         self.observer = observer
         self.on_worker_lost = on_worker_lost
         self.providers: list[str] = []
+        self.kv_cache_on_device = False  # the worker's engine keeps K/V as OrtValues (I/O binding)
         self.restarts = 0
         self._ids = itertools.count()
         self._pending: dict[int, _Pending] = {}
@@ -156,7 +158,8 @@ class ProcessScheduler:
             process.wait(STOP_TIMEOUT_S)
             conn.close()
             raise SeqserveError(str(detail))
-        self.providers = list(detail)
+        self.providers = list(detail["providers"])
+        self.kv_cache_on_device = bool(detail["kv_cache_on_device"])
         log.info("decoding worker %d ready on %s", process.pid, ", ".join(self.providers))
         return conn, process
 
@@ -359,7 +362,8 @@ def run_worker(conn: Connection, options: WorkerOptions) -> int:
         model_dir = open_model_dir(options.model_dir, check_hashes=False)
         engine = OnnxSeq2Seq(model_dir, device=options.device,  # type: ignore[arg-type]
                              intra_op_threads=options.intra_op_threads, inter_op_threads=options.inter_op_threads,
-                             optimization=options.optimization, spinning=options.spinning)
+                             optimization=options.optimization, spinning=options.spinning,
+                             io_binding=options.io_binding)  # type: ignore[arg-type]
     except Exception as exc:
         conn.send(("failed", f"decoding worker could not load the model: {exc}"))
         return 1
@@ -374,7 +378,7 @@ def run_worker(conn: Connection, options: WorkerOptions) -> int:
     outbox = _Outbox(conn)
     scheduler = Scheduler(engine, max_batch_size=options.max_batch_size, max_queue=options.max_queue,
                           observer=outbox)
-    conn.send(("ready", list(engine.providers)))
+    conn.send(("ready", {"providers": list(engine.providers), "kv_cache_on_device": engine.device_cache is not None}))
     handles: dict[int, RequestHandle] = {}
 
     def finished(request_id: int) -> Callable[[Future[RequestResult]], None]:

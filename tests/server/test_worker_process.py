@@ -181,3 +181,14 @@ def test_errors_keep_their_field_across_the_pipe() -> None:
     error = pickle.loads(pickle.dumps(errors.InvalidRequest("num_beams", "must be <= 8")))
     assert isinstance(error, errors.InvalidRequest) and error.field == "num_beams"
     assert str(error) == "num_beams: must be <= 8" and error.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_worker_takes_the_engine_settings(start_server: Callable[..., Any], model_dir: Path,
+                                              offline_engine: OnnxSeq2Seq) -> None:
+    # The device-resident cache (forced on CPU) and spinning within a step only, in the worker.
+    server = start_server(worker_process="on", io_binding="on", intra_op_spinning="run")
+    tokenizer = load_tokenizer(model_dir / "tokenizer.json")
+    expected = greedy_generate(offline_engine, [encode_source(tokenizer, t) for t in SOURCES[:8]], max_new_tokens=24)
+    response = server.stub.Generate(pb.GenerateRequest(inputs=SOURCES[:8]), timeout=TIMEOUT)
+    assert [list(r.sequences[0].token_ids) for r in response.results] == expected
+    assert worker_of(server).kv_cache_on_device
