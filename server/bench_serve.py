@@ -4,7 +4,9 @@ Starts `seqserve serve` as a real process on loopback, and reports: seconds from
 SERVING, output tokens/s with 1 and with N concurrent streams (closed loop, through the client
 library's load generator), the share of each decoder step spent in Python outside ONNX
 Runtime's `run` (from the server's own step metrics, per load level), the server's resident
-memory, and a clean exit on SIGTERM.
+memory, and a clean exit on SIGTERM. A last level sends unary `Generate` calls of many inputs
+each (`--unary CALLERSxINPUTS`): the batch full without a message per token, which shows what the
+served decoding loop does when the per-stream gRPC work is out of the way.
 """
 
 from __future__ import annotations
@@ -80,8 +82,9 @@ def wait_serving(port: int, proc: subprocess.Popen, timeout: float) -> float:
     raise SystemExit(f"seqserve bench-serve: not SERVING after {timeout} s")
 
 
-async def measure_levels(port: int, metrics_port: int, levels: list[int], duration: float, warmup: float,
-                         max_new_tokens: int, server: list[int]) -> list[dict[str, Any]]:
+async def measure_levels(port: int, metrics_port: int, levels: list[tuple[str, int, int]], duration: float,
+                         warmup: float, max_new_tokens: int, server: list[int]) -> list[dict[str, Any]]:
+    """Each level is (kind, concurrency, inputs per call): ("stream", N, 1) or ("unary", N, K)."""
     from seqserve.client.aio import AsyncClient
     from seqserve.client.loadgen import LoadSpec, run_load, warm_up
     from seqserve.client.loadreport import summarize
@@ -98,8 +101,9 @@ async def measure_levels(port: int, metrics_port: int, levels: list[int], durati
     options = {"max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens}
     rows = []
     async with AsyncClient(f"127.0.0.1:{port}") as client:
-        for level in levels:
-            spec = LoadSpec(mode="closed", concurrency=level, stream=True, duration_s=duration)
+        for kind, concurrency, inputs in levels:
+            spec = LoadSpec(mode="closed", concurrency=concurrency, stream=kind == "stream", duration_s=duration,
+                            inputs_per_request=inputs)
             await warm_up(client, texts, spec, options, warmup)
             before = scrape(metrics_port)
             cpu_before, started = (server_ticks(), cpu_time_ticks(os.getpid())), time.monotonic()
@@ -110,7 +114,8 @@ async def measure_levels(port: int, metrics_port: int, levels: list[int], durati
             onnx = after["seqserve_step_onnx_seconds_sum"] - before["seqserve_step_onnx_seconds_sum"]
             steps = after["seqserve_step_seconds_count"] - before["seqserve_step_seconds_count"]
             rows.append({
-                "streams": level, "output_tokens_per_s": round(report.output_tokens_per_s, 1),
+                "kind": kind, "concurrency": concurrency, "inputs_per_call": inputs,
+                "output_tokens_per_s": round(report.output_tokens_per_s, 1),
                 "requests": report.sent, "failed": report.failed,
                 "ttft_p50_ms": round(report.ttft_ms.p50, 2) if report.ttft_ms else None,
                 "itl_p50_ms": round(report.itl_ms.p50, 2) if report.itl_ms else None,
@@ -142,14 +147,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-interval", type=int, default=1, help="server's --stream-interval (default 1)")
     p.add_argument("--worker-process", choices=("on", "off"), default="off",
                    help="server's --worker-process (default off)")
+    p.add_argument("--unary", default="2x16", metavar="CALLERSxINPUTS",
+                   help="last level: unary calls of this many inputs from this many callers (default 2x16; "
+                        "'none' to skip)")
     p.add_argument("--json", type=Path, help="also write the report here")
     args = p.parse_args(argv)
-    levels = [int(x) for x in args.streams.split(",")]
+    levels = [("stream", int(x), 1) for x in args.streams.split(",")]
+    if args.unary != "none":
+        callers, _, inputs = args.unary.partition("x")
+        levels.append(("unary", int(callers), int(inputs)))
     port, metrics_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "seqserve.server.cli", "serve", args.model_dir, "--host", "127.0.0.1",
            "--port", str(port), "--metrics-port", str(metrics_port), "--intra-op-threads", str(args.threads),
            "--max-batch-size", str(args.max_batch_size), "--intra-op-spinning", args.spinning,
-           "--stream-interval", str(args.stream_interval), "--worker-process", args.worker_process, "--max-queue", str(max(128, 2 * max(levels))),
+           "--stream-interval", str(args.stream_interval), "--worker-process", args.worker_process, "--max-queue", str(max(128, 2 * max(c * k for _, c, k in levels))),
+           "--max-inputs-per-request", str(max(32, *(k for _, _, k in levels))),
            "--log-level", "warning"]
     spawned = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -171,19 +183,23 @@ def main(argv: list[str] | None = None) -> int:
               "rss_mb_after_load": rss_now, "rss_mb_peak": rss_peak, "exit_code_on_sigterm": exit_code,
               "server_processes": len(pids), "cores": os.cpu_count(), "spinning": args.spinning,
               "worker_process": args.worker_process, "stream_interval": args.stream_interval, "levels": rows}
-    if len(rows) > 1 and rows[0]["output_tokens_per_s"]:
-        report["speedup_last_vs_first"] = round(rows[-1]["output_tokens_per_s"] / rows[0]["output_tokens_per_s"], 2)
+    streams = [r for r in rows if r["kind"] == "stream"]
+    if len(streams) > 1 and streams[0]["output_tokens_per_s"]:
+        report["speedup_last_vs_first"] = round(streams[-1]["output_tokens_per_s"] / streams[0]["output_tokens_per_s"], 2)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     print()
-    print("| streams | output tok/s | mean rows/step | step ms | Python share of step | TTFT p50 ms | ITL p50 ms | "
+    print("| load | output tok/s | mean rows/step | step ms | Python share of step | TTFT p50 ms | ITL p50 ms | "
           "server cores (worker) | client cores | failed |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         share = f"{100 * r['python_share']:.0f}%" if r["python_share"] is not None else "-"
-        print(f"| {r['streams']} | {r['output_tokens_per_s']:.0f} | {r['mean_rows_per_step']} | {r['step_ms']} | {share} | "
-              f"{r['ttft_p50_ms']} | {r['itl_p50_ms']} | {r['server_cores']} ({r['worker_cores']}) | {r['client_cores']} | {r['failed']} |")
+        load = (f"{r['concurrency']} streams" if r["kind"] == "stream"
+                else f"{r['concurrency']} unary callers x {r['inputs_per_call']} inputs")
+        print(f"| {load} | {r['output_tokens_per_s']:.0f} | {r['mean_rows_per_step']} | {r['step_ms']} | {share} | "
+              f"{r['ttft_p50_ms']} | {r['itl_p50_ms']} | {r['server_cores']} ({r['worker_cores']}) | "
+              f"{r['client_cores']} | {r['failed']} |")
     print(f"\nstart to SERVING {start_s:.2f} s; server RSS {rss_ready} MB ready, {rss_peak} MB peak; "
           f"exit code on SIGTERM {exit_code}")
     return 0 if exit_code == 0 else 1
