@@ -50,7 +50,8 @@ def _peak_rss_mb() -> int:
 
 
 def measure(model_dir: str, *, batch: int, new_tokens: int, source_len: int, threads: int, budget: float,
-            min_reps: int, max_reps: int, device: str = "cpu", spinning: str = "on") -> dict[str, Any]:
+            min_reps: int, max_reps: int, device: str = "cpu", spinning: str = "on",
+            io_binding: str = "auto") -> dict[str, Any]:
     """Median time of one call (encoder + exactly new_tokens steps for `batch` inputs); runs in a child."""
     import numpy as np
 
@@ -71,7 +72,8 @@ def measure(model_dir: str, *, batch: int, new_tokens: int, source_len: int, thr
         def on_queue_depth(self, depth: int) -> None: ...
 
     load_start = time.perf_counter()
-    engine = OnnxSeq2Seq(model_dir, device=device, intra_op_threads=threads, spinning=spinning)  # type: ignore[arg-type]
+    engine = OnnxSeq2Seq(model_dir, device=device, intra_op_threads=threads, spinning=spinning,  # type: ignore[arg-type]
+                         io_binding=io_binding)  # type: ignore[arg-type]
     load_s = time.perf_counter() - load_start
     rng = np.random.default_rng(0)
     sources = [list(rng.integers(4, engine.config.vocab_size, source_len)) for _ in range(batch)]
@@ -109,7 +111,7 @@ def measure(model_dir: str, *, batch: int, new_tokens: int, source_len: int, thr
     return {
         "engine": "seqserve", "batch": batch, "src_len": source_len, "new_tokens": new_tokens, "threads": threads,
         "ms_per_step": round(1e3 * median / new_tokens, 3), "tok_per_s": round(batch * new_tokens / median, 1),
-        "spinning": spinning, "median_s": round(median, 4), "reps": f"{len(blocks)}x{per_block}",
+        "spinning": spinning, "kv_cache_on_device": engine.device_cache is not None, "median_s": round(median, 4), "reps": f"{len(blocks)}x{per_block}",
         "contended_blocks": sum(c for _, c in blocks), "clean": bool(clean),
         "python_share": round(1 - times.run / times.step, 3) if times.step else None,
         "peak_rss_mb": _peak_rss_mb(), "load_s": round(load_s, 2), "warmup_s": round(warmup_s, 3),
@@ -180,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--spinning", choices=("on", "run", "off"), default="on",
                    help="ONNX Runtime intra-op spin-waiting, as the server's --intra-op-spinning (default on)")
+    p.add_argument("--io-binding", choices=("auto", "on", "off"), default="auto",
+                   help="KV cache on the device between steps, as the server's --io-binding (default auto: on with CUDA)")
     p.add_argument("--budget", type=float, default=10.0, help="seconds of timed blocks per batch size (default 10)")
     p.add_argument("--min-reps", type=int, default=3)
     p.add_argument("--max-reps", type=int, default=10)
@@ -195,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:  # one measurement, in a fresh process
         record = measure(args.model_dir, batch=args.batch[0], new_tokens=args.new_tokens, source_len=args.source_len,
                          threads=args.threads, budget=args.budget, min_reps=args.min_reps, max_reps=args.max_reps,
-                         device=args.device, spinning=args.spinning)
+                         device=args.device, spinning=args.spinning, io_binding=args.io_binding)
         print(json.dumps(record), flush=True)
         return 0
 
@@ -207,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "seqserve.server.bench", "--child", "--model-dir", str(model_dir),
                "--batch", str(batch), "--new-tokens", str(args.new_tokens), "--source-len", str(args.source_len),
                "--threads", str(args.threads), "--budget", str(args.budget), "--min-reps", str(args.min_reps),
-               "--max-reps", str(args.max_reps), "--device", args.device, "--spinning", args.spinning]
+               "--max-reps", str(args.max_reps), "--device", args.device, "--spinning", args.spinning,
+               "--io-binding", args.io_binding]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode or not lines:

@@ -24,12 +24,15 @@ def test_bench_exports_caches_and_measures(tmp_path: Path, capsys: pytest.Captur
     for r in records:
         assert r["new_tokens"] == 8 and r["ms_per_step"] > 0 and r["peak_rss_mb"] > 0
         assert r["tok_per_s"] == pytest.approx(1e3 * r["batch"] / r["ms_per_step"], rel=0.05)
-        assert 0 <= r["python_share"] < 1
+        assert 0 <= r["python_share"] < 1 and r["kv_cache_on_device"] is False  # auto: numpy on CPU
     assert "| ms/step |" in out
     cached = list((tmp_path / "cache").iterdir())
     assert len(cached) == 1 and (cached[0] / "decoder.onnx").is_file()
-    assert bench(args) == 0  # second run reuses the cached export
+    # A second run reuses the cached export; this one with the KV cache forced onto OrtValues.
+    assert bench([*args[:-1], str(tmp_path / "bound.jsonl"), "--io-binding", "on"]) == 0
     assert list((tmp_path / "cache").iterdir()) == cached
+    bound = [json.loads(line) for line in (tmp_path / "bound.jsonl").read_text().splitlines()]
+    assert [r["kv_cache_on_device"] for r in bound] == [True, True] and all(r["ms_per_step"] > 0 for r in bound)
 
 
 def test_table_gives_ratios_to_both_ctranslate2_precisions() -> None:
