@@ -100,6 +100,13 @@ class ServerConfig:
                 raise ConfigError(f"{name} ({setting_names(name)}) {rule}, got {getattr(self, name)!r}")
 
     @property
+    def engine_options(self) -> dict[str, Any]:
+        """Keyword arguments of `server.engine.OnnxSeq2Seq` (in this process or the worker's)."""
+        return {"device": self.device, "intra_op_threads": self.intra_op_threads,
+                "inter_op_threads": self.inter_op_threads, "optimization": self.optimization,
+                "spinning": self.intra_op_spinning, "io_binding": self.io_binding}
+
+    @property
     def address(self) -> str:
         """host:port as gRPC wants it (an IPv6 host in brackets)."""
         host = self.host if ":" not in self.host or self.host.startswith("[") else f"[{self.host}]"

@@ -64,19 +64,14 @@ class SeqServeServer:
         scheduler: Scheduler | ProcessScheduler
         if config.worker_process == "on":
             scheduler = ProcessScheduler(model_dir, WorkerOptions(
-                str(model_dir.path), device=config.device, intra_op_threads=config.intra_op_threads,
-                inter_op_threads=config.inter_op_threads, optimization=config.optimization,
-                spinning=config.intra_op_spinning, io_binding=config.io_binding, max_batch_size=config.max_batch_size,
+                str(model_dir.path), config.engine_options, max_batch_size=config.max_batch_size,
                 max_queue=config.max_queue, log_format=config.log_format, log_level=config.log_level),
                 self._loop, observer=self.metrics, on_worker_lost=self._worker_lost)
             self.scheduler = scheduler
             await asyncio.to_thread(scheduler.start)
             providers = scheduler.providers
         else:
-            engine = await asyncio.to_thread(
-                OnnxSeq2Seq, model_dir, device=config.device, intra_op_threads=config.intra_op_threads,  # type: ignore[arg-type]
-                inter_op_threads=config.inter_op_threads, optimization=config.optimization,
-                spinning=config.intra_op_spinning, io_binding=config.io_binding)  # type: ignore[arg-type]
+            engine = await asyncio.to_thread(OnnxSeq2Seq, model_dir, **config.engine_options)
             scheduler = self.scheduler = Scheduler(engine, max_batch_size=config.max_batch_size,
                                                    max_queue=config.max_queue, observer=self.metrics)
             scheduler.start()

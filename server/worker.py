@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -59,12 +59,7 @@ class WorkerOptions:
     """What the worker process needs to build its engine and scheduler (sent as JSON on its command line)."""
 
     model_dir: str
-    device: str = "auto"
-    intra_op_threads: int = 0
-    inter_op_threads: int = 1
-    optimization: str = "all"
-    spinning: str = "on"  # server.engine.SPINNING
-    io_binding: str = "auto"  # server.engine.IO_BINDINGS
+    engine: dict[str, Any] = field(default_factory=dict)  # OnnxSeq2Seq's keyword arguments (ServerConfig.engine_options)
     max_batch_size: int = 32
     max_queue: int = 128
     log_format: str = "json"
@@ -99,7 +94,6 @@ class ProcessScheduler:
         self.options = options
         self.loop = loop
         self.max_batch_size = options.max_batch_size
-        self.max_queue = options.max_queue
         self.observer = observer
         self.on_worker_lost = on_worker_lost
         self.providers: list[str] = []
@@ -360,10 +354,7 @@ def run_worker(conn: Connection, options: WorkerOptions) -> int:
         # The server process has checked the files' sha256 already; hashing them again would only
         # slow the start.
         model_dir = open_model_dir(options.model_dir, check_hashes=False)
-        engine = OnnxSeq2Seq(model_dir, device=options.device,  # type: ignore[arg-type]
-                             intra_op_threads=options.intra_op_threads, inter_op_threads=options.inter_op_threads,
-                             optimization=options.optimization, spinning=options.spinning,
-                             io_binding=options.io_binding)  # type: ignore[arg-type]
+        engine = OnnxSeq2Seq(model_dir, **options.engine)
     except Exception as exc:
         conn.send(("failed", f"decoding worker could not load the model: {exc}"))
         return 1

@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from seqserve.model.data import dates_pairs
 from seqserve.proto import seqserve_pb2 as pb
 from seqserve.proto import seqserve_pb2_grpc as pb_grpc
+from seqserve.server.bench_serve import server_pids
 
 TIMEOUT = 30.0
 SEQSERVE = [sys.executable, "-m", "seqserve.server.cli"]
@@ -103,7 +104,7 @@ def test_serve_without_torch_and_sigterm_drains(model_dir: Path, serve_process: 
         steps = re.search(r"^seqserve_step_seconds_count (\S+)$", response.read().decode(), re.MULTILINE)
     assert steps and float(steps.group(1)) >= 1  # the warm-up generation's steps
 
-    workers = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    workers = server_pids(pid)[1:]
     assert len(workers) == (1 if worker_process == "on" else 0)
     for process_id in (pid, *workers):
         maps = Path(f"/proc/{process_id}/maps").read_text()

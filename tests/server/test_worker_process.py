@@ -165,8 +165,11 @@ def test_a_worker_that_cannot_load_the_model_is_a_startup_error(start_server: Ca
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # The server process checks the model directory; what only the worker can find out (here: a
     # device this build does not have) must still stop the start with the worker's reason.
-    monkeypatch.setattr(server_main, "WorkerOptions",
-                        lambda *a, **kw: dataclasses.replace(WorkerOptions(*a, **kw), device="cuda"))
+    def on_cuda(*args: Any, **kwargs: Any) -> WorkerOptions:
+        options = WorkerOptions(*args, **kwargs)
+        return dataclasses.replace(options, engine={**options.engine, "device": "cuda"})
+
+    monkeypatch.setattr(server_main, "WorkerOptions", on_cuda)
     if "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers():
         pytest.skip("this ONNX Runtime build has CUDA")
     with pytest.raises(SeqserveError, match="--device cuda"):
