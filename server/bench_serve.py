@@ -7,6 +7,10 @@ Runtime's `run` (from the server's own step metrics, per load level), the server
 memory, and a clean exit on SIGTERM. A last level sends unary `Generate` calls of many inputs
 each (`--unary CALLERSxINPUTS`): the batch full without a message per token, which shows what the
 served decoding loop does when the per-stream gRPC work is out of the way.
+
+Then (`--transport-floor on`, the default) the same levels go to a server with no model behind it
+(`seqserve.server.transport_floor`): what gRPC and the client alone reach on this machine, so the
+report can say how much of the CPU the transport takes before any decoding (`floor_*` fields).
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+NO_STEPS = {"seqserve_step_seconds_sum": 0.0, "seqserve_step_onnx_seconds_sum": 0.0,
+            "seqserve_step_seconds_count": 0.0, "seqserve_batch_rows_sum": 0.0}
 
 
 def scrape(metrics_port: int) -> dict[str, float]:
@@ -82,9 +90,12 @@ def wait_serving(port: int, proc: subprocess.Popen, timeout: float) -> float:
     raise SystemExit(f"seqserve bench-serve: not SERVING after {timeout} s")
 
 
-async def measure_levels(port: int, metrics_port: int, levels: list[tuple[str, int, int]], duration: float,
+async def measure_levels(port: int, metrics_port: int | None, levels: list[tuple[str, int, int]], duration: float,
                          warmup: float, max_new_tokens: int, server: list[int]) -> list[dict[str, Any]]:
-    """Each level is (kind, concurrency, inputs per call): ("stream", N, 1) or ("unary", N, K)."""
+    """Each level is (kind, concurrency, inputs per call): ("stream", N, 1) or ("unary", N, K).
+
+    Without a metrics port (the transport floor has none) the step fields are None.
+    """
     from seqserve.client.aio import AsyncClient
     from seqserve.client.loadgen import LoadSpec, run_load, warm_up
     from seqserve.client.loadreport import summarize
@@ -105,14 +116,17 @@ async def measure_levels(port: int, metrics_port: int, levels: list[tuple[str, i
             spec = LoadSpec(mode="closed", concurrency=concurrency, stream=kind == "stream", duration_s=duration,
                             inputs_per_request=inputs)
             await warm_up(client, texts, spec, options, warmup)
-            before = scrape(metrics_port)
+            before = scrape(metrics_port) if metrics_port else NO_STEPS
             cpu_before, started = (server_ticks(), cpu_time_ticks(os.getpid())), time.monotonic()
             report = summarize(await run_load(client, texts, spec, options))
             cpu_after, wall = (server_ticks(), cpu_time_ticks(os.getpid())), time.monotonic() - started
-            after = scrape(metrics_port)
+            after = scrape(metrics_port) if metrics_port else NO_STEPS
             step = after["seqserve_step_seconds_sum"] - before["seqserve_step_seconds_sum"]
             onnx = after["seqserve_step_onnx_seconds_sum"] - before["seqserve_step_onnx_seconds_sum"]
             steps = after["seqserve_step_seconds_count"] - before["seqserve_step_seconds_count"]
+            server_cores = (sum(cpu_after[0]) - sum(cpu_before[0])) / ticks / wall
+            client_cores = (cpu_after[1] - cpu_before[1]) / ticks / wall
+            tok_s = report.output_tokens_per_s
             rows.append({
                 "kind": kind, "concurrency": concurrency, "inputs_per_call": inputs,
                 "output_tokens_per_s": round(report.output_tokens_per_s, 1),
@@ -125,11 +139,43 @@ async def measure_levels(port: int, metrics_port: int, levels: list[tuple[str, i
                 "python_share": round(1 - onnx / step, 3) if step else None,
                 # Cores busy in the server (with its worker process) and in this load-generating
                 # client (same machine).
-                "server_cores": round((sum(cpu_after[0]) - sum(cpu_before[0])) / ticks / wall, 2),
+                "server_cores": round(server_cores, 2),
                 "worker_cores": round((sum(cpu_after[0][1:]) - sum(cpu_before[0][1:])) / ticks / wall, 2),
-                "client_cores": round((cpu_after[1] - cpu_before[1]) / ticks / wall, 2),
+                "client_cores": round(client_cores, 2),
+                # CPU spent per output token: the budget that decides how far the cores carry.
+                "server_cpu_us_per_token": round(1e6 * server_cores / tok_s, 1) if tok_s else None,
+                "client_cpu_us_per_token": round(1e6 * client_cores / tok_s, 1) if tok_s else None,
             })
     return rows
+
+
+def run_server(cmd: list[str], port: int, metrics_port: int | None, levels: list[tuple[str, int, int]],
+               args: argparse.Namespace) -> dict[str, Any]:
+    """Spawn a server, time it to SERVING, measure every level, SIGTERM it; its part of the report."""
+    spawned = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_serving(port, proc, timeout=60)
+        start_s = time.monotonic() - spawned
+        pids = server_pids(proc.pid)
+        rss_ready, _ = rss_mb(pids)
+        rows = asyncio.run(measure_levels(port, metrics_port, levels, args.duration, args.warmup,
+                                          args.max_new_tokens, pids))
+        rss_now, rss_peak = rss_mb(pids)
+        proc.send_signal(signal.SIGTERM)
+        exit_code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return {"start_to_serving_s": round(start_s, 2), "rss_mb_ready": rss_ready, "rss_mb_after_load": rss_now,
+            "rss_mb_peak": rss_peak, "exit_code_on_sigterm": exit_code, "server_processes": len(pids),
+            "levels": rows}
+
+
+def _load_name(row: dict[str, Any]) -> str:
+    return (f"{row['concurrency']} streams" if row["kind"] == "stream"
+            else f"{row['concurrency']} unary callers x {row['inputs_per_call']} inputs")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unary", default="2x16", metavar="CALLERSxINPUTS",
                    help="last level: unary calls of this many inputs from this many callers (default 2x16; "
                         "'none' to skip)")
+    p.add_argument("--transport-floor", choices=("on", "off"), default="on",
+                   help="also run the levels against a server with no model (gRPC alone), for the CPU "
+                        "budget (default on)")
     p.add_argument("--json", type=Path, help="also write the report here")
     args = p.parse_args(argv)
     levels = [("stream", int(x), 1) for x in args.streams.split(",")]
@@ -160,49 +209,60 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "seqserve.server.cli", "serve", args.model_dir, "--host", "127.0.0.1",
            "--port", str(port), "--metrics-port", str(metrics_port), "--intra-op-threads", str(args.threads),
            "--max-batch-size", str(args.max_batch_size), "--intra-op-spinning", args.spinning,
-           "--stream-interval", str(args.stream_interval), "--worker-process", args.worker_process, "--max-queue", str(max(128, 2 * max(c * k for _, c, k in levels))),
+           "--stream-interval", str(args.stream_interval), "--worker-process", args.worker_process,
+           "--max-queue", str(max(128, 2 * max(c * k for _, c, k in levels))),
            "--max-inputs-per-request", str(max(32, *(k for _, _, k in levels))),
            "--log-level", "warning"]
-    spawned = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_serving(port, proc, timeout=60)
-        start_s = time.monotonic() - spawned
-        pids = server_pids(proc.pid)
-        rss_ready, _ = rss_mb(pids)
-        rows = asyncio.run(measure_levels(port, metrics_port, levels, args.duration, args.warmup,
-                                          args.max_new_tokens, pids))
-        rss_now, rss_peak = rss_mb(pids)
-        proc.send_signal(signal.SIGTERM)
-        exit_code = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    report = {"model_dir": args.model_dir, "start_to_serving_s": round(start_s, 2), "rss_mb_ready": rss_ready,
-              "rss_mb_after_load": rss_now, "rss_mb_peak": rss_peak, "exit_code_on_sigterm": exit_code,
-              "server_processes": len(pids), "cores": os.cpu_count(), "spinning": args.spinning,
-              "worker_process": args.worker_process, "stream_interval": args.stream_interval, "levels": rows}
+    served = run_server(cmd, port, metrics_port, levels, args)
+    report = {"model_dir": args.model_dir, **{k: v for k, v in served.items() if k != "levels"},
+              "cores": os.cpu_count(), "spinning": args.spinning, "worker_process": args.worker_process,
+              "stream_interval": args.stream_interval, "levels": served["levels"]}
+    rows = served["levels"]
     streams = [r for r in rows if r["kind"] == "stream"]
     if len(streams) > 1 and streams[0]["output_tokens_per_s"]:
         report["speedup_last_vs_first"] = round(streams[-1]["output_tokens_per_s"] / streams[0]["output_tokens_per_s"], 2)
+    floor_rows: list[dict[str, Any]] = []
+    if args.transport_floor == "on":
+        floor_port = free_port()
+        floor = run_server([sys.executable, "-m", "seqserve.server.transport_floor", "--port", str(floor_port)],
+                           floor_port, None, levels, args)
+        floor_rows = floor["levels"]
+        report["transport_floor"] = {"exit_code_on_sigterm": floor["exit_code_on_sigterm"], "levels": floor_rows}
+        floor_streams = [r for r in floor_rows if r["kind"] == "stream"]
+        if len(streams) > 1 and streams[0]["output_tokens_per_s"]:
+            # What the last level could reach over the model's first if decoding, batching and
+            # everything seqserve does cost nothing: the transport alone.
+            report["floor_last_vs_model_first"] = round(
+                floor_streams[-1]["output_tokens_per_s"] / streams[0]["output_tokens_per_s"], 2)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     print()
     print("| load | output tok/s | mean rows/step | step ms | Python share of step | TTFT p50 ms | ITL p50 ms | "
-          "server cores (worker) | client cores | failed |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "server cores (worker) | client cores | CPU µs/token server + client | failed |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         share = f"{100 * r['python_share']:.0f}%" if r["python_share"] is not None else "-"
-        load = (f"{r['concurrency']} streams" if r["kind"] == "stream"
-                else f"{r['concurrency']} unary callers x {r['inputs_per_call']} inputs")
-        print(f"| {load} | {r['output_tokens_per_s']:.0f} | {r['mean_rows_per_step']} | {r['step_ms']} | {share} | "
-              f"{r['ttft_p50_ms']} | {r['itl_p50_ms']} | {r['server_cores']} ({r['worker_cores']}) | "
-              f"{r['client_cores']} | {r['failed']} |")
-    print(f"\nstart to SERVING {start_s:.2f} s; server RSS {rss_ready} MB ready, {rss_peak} MB peak; "
-          f"exit code on SIGTERM {exit_code}")
-    return 0 if exit_code == 0 else 1
+        print(f"| {_load_name(r)} | {r['output_tokens_per_s']:.0f} | {r['mean_rows_per_step']} | {r['step_ms']} | "
+              f"{share} | {r['ttft_p50_ms']} | {r['itl_p50_ms']} | {r['server_cores']} ({r['worker_cores']}) | "
+              f"{r['client_cores']} | {r['server_cpu_us_per_token']} + {r['client_cpu_us_per_token']} | "
+              f"{r['failed']} |")
+    print(f"\nstart to SERVING {served['start_to_serving_s']:.2f} s; server RSS {served['rss_mb_ready']} MB ready, "
+          f"{served['rss_mb_peak']} MB peak; exit code on SIGTERM {served['exit_code_on_sigterm']}")
+    if "speedup_last_vs_first" in report:
+        print(f"last stream level / first: {report['speedup_last_vs_first']}x")
+    if floor_rows:
+        print("\nTransport floor (no model: gRPC and the client alone, same levels):\n")
+        print("| load | output tok/s | server cores | client cores | CPU µs/token server + client | failed |")
+        print("|---|---|---|---|---|---|")
+        for r in floor_rows:
+            print(f"| {_load_name(r)} | {r['output_tokens_per_s']:.0f} | {r['server_cores']} | {r['client_cores']} | "
+                  f"{r['server_cpu_us_per_token']} + {r['client_cpu_us_per_token']} | {r['failed']} |")
+        if "floor_last_vs_model_first" in report:
+            print(f"transport floor at the last stream level / the model's first: "
+                  f"{report['floor_last_vs_model_first']}x (what the ratio above could reach if decoding and seqserve cost nothing, one message per token)")
+    failed_exit = served["exit_code_on_sigterm"] != 0 or (floor_rows and report["transport_floor"]["exit_code_on_sigterm"] != 0)
+    return 1 if failed_exit else 0
 
 
 if __name__ == "__main__":

@@ -1,11 +1,19 @@
 """`seqserve bench-serve`: the real server process under a short streaming load, with the report
-well-formed (tokens/s per level, Python share, cores used by server and client, clean SIGTERM)."""
+well-formed (tokens/s per level, Python share, cores and CPU per token of server and client, clean
+SIGTERM), then the same levels against the transport floor (a server with no model)."""
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
+from seqserve.client import Client
+from seqserve.server.bench_serve import free_port, wait_serving
 from seqserve.server.bench_serve import main as bench_serve
 
 
@@ -23,3 +31,32 @@ def test_bench_serve_reports_each_level(model_dir: Path, tmp_path: Path) -> None
         assert level["failed"] == 0 and level["requests"] > 0 and level["output_tokens_per_s"] > 0
         assert 0 <= level["python_share"] < 1 and level["step_ms"] > 0
         assert 0 < level["server_cores"] <= 4 and 0 < level["client_cores"] <= 4
+        assert level["server_cpu_us_per_token"] > 0 and level["client_cpu_us_per_token"] > 0
+    floor = report["transport_floor"]
+    assert floor["exit_code_on_sigterm"] == 0
+    assert [(level["kind"], level["concurrency"]) for level in floor["levels"]] == [
+        ("stream", 1), ("stream", 3), ("unary", 2)]
+    for level in floor["levels"]:
+        assert level["failed"] == 0 and level["output_tokens_per_s"] > 0 and level["step_ms"] is None
+    assert report["floor_last_vs_model_first"] == pytest.approx(
+        floor["levels"][1]["output_tokens_per_s"] / report["levels"][0]["output_tokens_per_s"], rel=0.01)
+
+
+def test_transport_floor_answers_like_the_server(tmp_path: Path) -> None:
+    """The floor server speaks the real contract: the client library's calls work against it
+    unchanged, with the token count asked for."""
+    floor = subprocess.Popen([sys.executable, "-m", "seqserve.server.transport_floor", "--port", str(port := free_port())])
+    try:
+        wait_serving(port, floor, timeout=30)
+        with Client(f"127.0.0.1:{port}") as client:
+            items = list(client.generate_stream("hello", max_new_tokens=5))
+            pieces, result = items[:-1], items[-1]
+            assert [p.index for p in pieces] == [0, 1, 2, 3, 4]
+            assert "".join(p.text for p in pieces) == result.text and result.usage.output_tokens == 5
+            assert [len(r.sequences[0].token_ids) for r in client.generate(["a", "b", "c"], max_new_tokens=3)] == [3, 3, 3]
+        floor.send_signal(signal.SIGTERM)
+        assert floor.wait(timeout=30) == 0
+    finally:
+        if floor.poll() is None:
+            floor.kill()
+            floor.wait()
