@@ -45,7 +45,8 @@ def test_bench_serve_reports_each_level(model_dir: Path, tmp_path: Path) -> None
 def test_transport_floor_answers_like_the_server(tmp_path: Path) -> None:
     """The floor server speaks the real contract: the client library's calls work against it
     unchanged, with the token count asked for."""
-    floor = subprocess.Popen([sys.executable, "-m", "seqserve.server.transport_floor", "--port", str(port := free_port())])
+    port = free_port()
+    floor = subprocess.Popen([sys.executable, "-m", "seqserve.server.transport_floor", "--port", str(port)])
     try:
         wait_serving(port, floor, timeout=30)
         with Client(f"127.0.0.1:{port}") as client:
@@ -53,7 +54,8 @@ def test_transport_floor_answers_like_the_server(tmp_path: Path) -> None:
             pieces, result = items[:-1], items[-1]
             assert [p.index for p in pieces] == [0, 1, 2, 3, 4]
             assert "".join(p.text for p in pieces) == result.text and result.usage.output_tokens == 5
-            assert [len(r.sequences[0].token_ids) for r in client.generate(["a", "b", "c"], max_new_tokens=3)] == [3, 3, 3]
+            results = client.generate(["a", "b", "c"], max_new_tokens=3)
+            assert [len(r.sequences[0].token_ids) for r in results] == [3, 3, 3]
         floor.send_signal(signal.SIGTERM)
         assert floor.wait(timeout=30) == 0
     finally:
