@@ -22,10 +22,16 @@ from grpc_health.v1.health import aio as health_aio
 
 from seqserve.proto import seqserve_pb2 as pb
 from seqserve.proto import seqserve_pb2_grpc as pb_grpc
+from seqserve.server.service import SERVICE_NAME
 
 DEFAULT_TOKENS = 16  # when a request leaves max_new_tokens at 0
 MAX_INPUTS = 1024
 VERSION = "transport-floor"
+
+
+def _token_id(index: int) -> int:
+    """The floor's token at a position: ordinary ids, never a special one."""
+    return 4 + index % 32
 
 
 def _result(tokens: int) -> pb.InputResult:
@@ -33,7 +39,7 @@ def _result(tokens: int) -> pb.InputResult:
     out = pb.InputResult(usage=pb.Usage(input_tokens=10, output_tokens=tokens),
                          timings=pb.Timings(queue_ms=0.1, encoder_ms=0.2, decode_ms=1.0, first_token_ms=0.3,
                                             total_ms=1.5))
-    out.sequences.add(text="x" * tokens, token_ids=[4 + i % 32 for i in range(tokens)],
+    out.sequences.add(text="x" * tokens, token_ids=[_token_id(i) for i in range(tokens)],
                       finish_reason=pb.FINISH_REASON_LENGTH)
     return out
 
@@ -45,7 +51,7 @@ class FloorService(pb_grpc.SeqServeServicer):
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateStreamResponse]:
         tokens = request.options.max_new_tokens or DEFAULT_TOKENS
         for i in range(tokens):
-            yield pb.GenerateStreamResponse(tokens=[pb.TokenPiece(index=i, token_id=4 + i % 32, text="x")])
+            yield pb.GenerateStreamResponse(tokens=[pb.TokenPiece(index=i, token_id=_token_id(i), text="x")])
         yield pb.GenerateStreamResponse(result=_result(tokens), request_id=request.request_id or "floor",
                                         model_version=VERSION)
 
@@ -70,7 +76,7 @@ async def serve(host: str, port: int) -> None:
     if not server.add_insecure_port(f"{host}:{port}"):
         raise SystemExit(f"seqserve transport floor: cannot listen on {host}:{port}")
     await server.start()
-    for name in ("", pb.DESCRIPTOR.services_by_name["SeqServe"].full_name):
+    for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
