@@ -14,23 +14,32 @@
 #      one Generate (then a clean stop again).
 #
 #   deploy/podman-smoke.sh [MODEL_DIR]        (default runs/dates-model, from `make demo`)
+#   deploy/podman-smoke.sh --print-sources    the package sources it would use, then exit (no root)
 #   make podman-smoke MODEL=runs/dates-model
 #
 # Needs root, podman, buildah's chroot isolation, runc and debootstrap (Debian: apt-get install
-# podman buildah runc debootstrap), the project's venv (.venv, for the client and the reference
-# translation) and a registry for pip inside the build. The host's CA bundle is copied into the base
-# and PIP_CERT points at it, so builds behind a TLS-inspecting proxy work as they do on the host.
+# podman buildah runc debootstrap) and the project's venv (.venv, for the client and the reference
+# translation). Packages come from where the host gets its own, so it runs where only a local
+# mirror is reachable: debootstrap uses the host's Debian archive (the first `deb` source of
+# component main, outside the security/updates/backports suites, in /etc/apt/sources.list,
+# sources.list.d/*.list and the deb822 sources.list.d/*.sources; file: and http(s): URIs), and pip
+# inside the build gets the host pip's index settings (`pip config list`: its files, then
+# PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS, PIP_TRUSTED_HOST, PIP_NO_INDEX) as an
+# /etc/pip.conf mounted for the RUN steps only, with the local directories they name mounted at the
+# same paths. The host's CA bundle is copied into the base and PIP_CERT points at it, so builds
+# behind a TLS-inspecting proxy work as they do on the host.
 #
-# Environment: SEQSERVE_PODMAN_CACHE, DEBIAN_SUITE (bookworm: python3 is 3.11), DEBIAN_MIRROR,
-# BASE_IMAGE, IMAGE, HOST_PORT, HOST_METRICS_PORT, PODMAN_BUILD_FLAGS (e.g. "--no-cache"),
-# KEEP=1 (keep the containers for inspection).
+# Environment: SEQSERVE_PODMAN_CACHE, DEBIAN_SUITE (bookworm: python3 is 3.11), DEBIAN_MIRROR (a
+# URL: instead of the host's apt sources), APT_SOURCES_DIR (where those are read: /etc/apt),
+# PIP_INDEX_URL and the other PIP_* above (as for pip on the host), BASE_IMAGE, IMAGE, HOST_PORT,
+# HOST_METRICS_PORT, PODMAN_BUILD_FLAGS (e.g. "--no-cache"), KEEP=1 (keep the containers).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 CACHE=${SEQSERVE_PODMAN_CACHE:-/var/tmp/seqserve-podman}
 SUITE=${DEBIAN_SUITE:-bookworm}
-MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+APT_SOURCES_DIR=${APT_SOURCES_DIR:-/etc/apt}
 BASE_IMAGE=${BASE_IMAGE:-localhost/seqserve-debian-python:$SUITE}
 IMAGE=${IMAGE:-localhost/seqserve:smoke}
 HOST_PORT=${HOST_PORT:-50151}
@@ -55,6 +64,175 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# ---- 0. the package sources: the host's own -----------------------------------------------------
+apt_source_files() {  # what apt reads, in its order: sources.list, then sources.list.d by name
+    local f
+    [[ -f $APT_SOURCES_DIR/sources.list ]] && printf '%s\n' "$APT_SOURCES_DIR/sources.list"
+    for f in "$APT_SOURCES_DIR"/sources.list.d/*; do
+        [[ -f $f && ($f == *.list || $f == *.sources) ]] && printf '%s\n' "$f"
+    done
+    return 0
+}
+
+apt_archive_sources() {  # FILE...: "URI<tab>SUITE<tab>FILE" for each deb source of component main
+    # One-line files (*.list: `deb [options] URI SUITE COMPONENT...`) and deb822 stanzas (*.sources:
+    # Types, URIs, Suites, Components, `Enabled: no`, continuation lines). Security, updates and
+    # backports suites are not the archive debootstrap needs; file:/x becomes file:///x for it.
+    awk -v OFS='\t' '
+        function has(list, word,   a, n, i) {
+            n = split(list, a, /[ \t]+/)
+            for (i = 1; i <= n; i++) if (a[i] == word) return 1
+            return 0
+        }
+        function emit(types, uris, suites, comps, file,   u, s, nu, ns, i, j, uri) {
+            if (!has(types, "deb") || !has(comps, "main")) return
+            nu = split(uris, u, /[ \t]+/); ns = split(suites, s, /[ \t]+/)
+            for (i = 1; i <= nu; i++) {
+                uri = u[i]
+                if (uri !~ /^(https?|file):/) continue
+                if (uri ~ /^file:\/[^\/]/) sub(/^file:/, "file://", uri)
+                sub(/\/+$/, "", uri)
+                for (j = 1; j <= ns; j++)
+                    if (s[j] != "" && s[j] !~ /[-\/](security|updates|backports)$/) print uri, s[j], file
+            }
+        }
+        function field(name, value, more) {
+            if (name == "types") types = more ? types " " value : value
+            else if (name == "uris") uris = more ? uris " " value : value
+            else if (name == "suites") suites = more ? suites " " value : value
+            else if (name == "components") comps = more ? comps " " value : value
+            else if (name == "enabled") enabled = value
+        }
+        function stanza() {
+            if (types != "" && tolower(enabled) != "no") emit(types, uris, suites, comps, file)
+            types = uris = suites = comps = enabled = key = ""
+        }
+        FNR == 1 { stanza(); file = FILENAME }
+        file ~ /\.list$/ {
+            sub(/#.*/, "")
+            if ($1 != "deb") next
+            i = 2
+            if ($2 ~ /^\[/) { while (i < NF && $i !~ /\]$/) i++; i++ }
+            line_comps = ""
+            for (j = i + 2; j <= NF; j++) line_comps = line_comps " " $j
+            emit("deb", $i, $(i + 1), line_comps, file)
+            next
+        }
+        /^#/ { next }
+        /^[ \t]*$/ { stanza(); next }
+        /^[ \t]/ { value = $0; sub(/^[ \t]+/, "", value); field(key, value, 1); next }
+        {
+            key = tolower($0); sub(/:.*/, "", key)
+            value = $0; sub(/^[^:]*:[ \t]*/, "", value)
+            field(key, value, 0)
+        }
+        END { stanza() }
+    ' "$@"
+}
+
+debian_mirror() {  # MIRROR, MIRROR_FROM: DEBIAN_MIRROR, else the host's archive ($SUITE's first)
+    local files=() uri suite file first=""
+    if [[ -n ${DEBIAN_MIRROR:-} ]]; then
+        MIRROR=$DEBIAN_MIRROR MIRROR_FROM="DEBIAN_MIRROR"
+        return 0
+    fi
+    mapfile -t files < <(apt_source_files)
+    if ((${#files[@]})); then
+        while IFS=$'\t' read -r uri suite file; do
+            [[ -n $first ]] || first="$uri"$'\t'"$file, suite $suite"
+            if [[ $suite == "$SUITE" ]]; then
+                MIRROR=$uri MIRROR_FROM="$file, suite $suite"
+                return 0
+            fi
+        done < <(apt_archive_sources "${files[@]}")
+    fi
+    if [[ -n $first ]]; then  # no $SUITE source: the host's Debian archive carries the other releases
+        MIRROR=${first%%$'\t'*} MIRROR_FROM=${first#*$'\t'}
+        return 0
+    fi
+    local names="nothing: no $APT_SOURCES_DIR/sources.list, sources.list.d/*.list or *.sources"
+    ((${#files[@]} == 0)) || { names=$(printf '%s, ' "${files[@]}"); names=${names%, }; }
+    fail "no Debian mirror in the host's apt sources (read $names; none has a deb source of component" \
+         "main outside security/updates suites): set DEBIAN_MIRROR to a Debian mirror URL"
+}
+
+pip_index_settings() {  # the host pip's index settings as pip.conf lines, then "mount DIR" lines
+    local py=$PY
+    [[ -x $py ]] || py=python3
+    # `pip config list` shows pip's files and its PIP_* variables (":env:") alike; `pip install`
+    # takes global, then install, then the environment. Only where packages come from: the image's
+    # own pip settings (PIP_CONSTRAINT, PIP_CERT, ...) stay as the Dockerfile and the base set them.
+    "$py" - <<'EOF'
+import ast, os, subprocess, sys
+from urllib.parse import unquote, urlsplit
+
+KEYS = ("index-url", "extra-index-url", "find-links", "trusted-host", "no-index")
+listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"],
+                        capture_output=True, text=True, check=True).stdout
+found = {}
+for line in listed.splitlines():
+    name, sep, value = line.partition("=")
+    section, _, key = name.partition(".")
+    if sep and key in KEYS and section in ("global", "install", ":env:"):
+        found.setdefault(key, {})[section] = ast.literal_eval(value)
+mounts = []
+for key in KEYS:
+    value = next((found[key][s] for s in (":env:", "install", "global") if s in found.get(key, {})), None)
+    if value is None:
+        continue
+    words = value.split()
+    if not words:  # set empty (PIP_FIND_LINKS=): nothing, as for pip
+        continue
+    for i, word in enumerate(words):
+        if word.startswith("file:"):
+            local = unquote(urlsplit(word).path)
+        elif key == "find-links" and "://" not in word:  # a path: absolute, as the build sees it
+            local = words[i] = os.path.abspath(word)
+        else:
+            continue
+        if not os.path.exists(local):
+            continue
+        if key.endswith("index-url"):  # a file: index links to files beside it (../../files/...)
+            local = os.path.dirname(local.rstrip("/"))
+        elif not os.path.isdir(local):
+            local = os.path.dirname(local)
+        if os.path.normpath(local) != "/":
+            mounts.append(os.path.normpath(local))
+    print(f"{key} = {' '.join(words)}")
+for d in sorted(set(mounts)):  # one mount per tree
+    if not any(d.startswith(other + "/") for other in mounts):
+        print(f"mount {d}")
+EOF
+}
+
+pip_for_build() {  # PIP_MOUNTS: podman build --volume flags giving the build the host pip's index
+    local settings conf dirs=() dir
+    settings=$(pip_index_settings) || fail "pip config list failed: the host pip's index settings are unknown"
+    conf=$(grep -v '^mount ' <<< "$settings" || true)
+    mapfile -t dirs < <(sed -n 's/^mount //p' <<< "$settings")
+    PIP_MOUNTS=()
+    if [[ -z $conf ]]; then
+        say "pip in the build: its default index (the host's pip configures none)"
+        return 0
+    fi
+    printf '# The host pip'\''s index settings, from deploy/podman-smoke.sh\n[global]\n%s\n' "$conf" > "$CACHE/pip.conf"
+    PIP_MOUNTS=(--volume "$CACHE/pip.conf:/etc/pip.conf:ro")
+    for dir in "${dirs[@]}"; do PIP_MOUNTS+=(--volume "$dir:$dir:ro"); done
+    say "pip in the build: /etc/pip.conf with the host's ${conf//$'\n'/; }${dirs[*]:+; mounted: ${dirs[*]}}"
+}
+
+case ${1:-} in
+    -h|--help)
+        sed -n '2,/^set -euo/{s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"
+        exit 0 ;;
+    --print-sources)  # what the build would use, without root or podman
+        debian_mirror
+        printf 'debian mirror: %s (%s)\n' "$MIRROR" "$MIRROR_FROM"
+        settings=$(pip_index_settings) || fail "pip config list failed: the host pip's index settings are unknown"
+        [[ -z $settings ]] || sed 's/^mount /pip mount: /; t; s/^/pip: /' <<< "$settings"
+        exit 0 ;;
+esac
+
 [[ $EUID -eq 0 ]] || fail "run as root (rootful podman with chroot isolation and runc)"
 for tool in podman buildah runc debootstrap; do
     command -v "$tool" >/dev/null || fail "$tool not found (apt-get install podman buildah runc debootstrap)"
@@ -71,6 +249,8 @@ make_base() {
     mkdir -p "$CACHE"
     if [[ ! -f $tar ]]; then
         if [[ ! -x $rootfs/usr/bin/python3 ]]; then
+            debian_mirror
+            say "Debian mirror: $MIRROR ($MIRROR_FROM)"
             say "debootstrap $SUITE (minbase + python3, python3-venv, ca-certificates) into $rootfs"
             rm -rf "$rootfs.tmp"
             debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
@@ -104,7 +284,7 @@ build() {  # build TAG [--build-arg MODEL_DIR=...]
     local started=$SECONDS
     # shellcheck disable=SC2086  # PODMAN_BUILD_FLAGS: several flags, split on purpose
     podman build --isolation chroot --format docker --target server "${ULIMITS[@]}" \
-        --build-arg BASE_IMAGE="$BASE_IMAGE" "$@" ${PODMAN_BUILD_FLAGS:-} \
+        --build-arg BASE_IMAGE="$BASE_IMAGE" "${PIP_MOUNTS[@]}" "$@" ${PODMAN_BUILD_FLAGS:-} \
         -t "$tag" -f Dockerfile . > "$log" 2>&1 || rc=$?
     grep -v -E '^ *(Collecting|Downloading|Using cached|Obtaining) ' "$log" | sed 's/^/    build: /' || true
     ((rc == 0)) || fail "podman build of $tag exited with $rc (log: $log)"
@@ -183,6 +363,7 @@ run_container() {  # NAME IMAGE [podman run flags...]
 }
 
 mkdir -p "$CACHE"
+pip_for_build
 if [[ $MODEL_REL != ../* ]]; then
     build "$IMAGE" --build-arg MODEL_DIR="$MODEL_REL"
     # SEQSERVE_* configuration through the environment: one batch row, so the drain below has work.
