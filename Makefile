@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 RUN ?= runs
 SAMPLES := "Tuesday, the 5th of November 1985" "nov 25 2026" "03/14/2015" "1 JANUARY 1900" "Sat 29 Feb 2020"
 
-.PHONY: demo test test-slow install train export translate serve-demo proto clean
+.PHONY: demo test test-slow gpu-check install train export translate serve-demo proto clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ test: install
 
 test-slow: install
 	$(BIN)/pytest -m slow
+
+# On a host with an NVIDIA GPU: its own environment with the GPU extra, every CUDA test, and a
+# short bench / bench-serve on CUDA (deploy/gpu-check.sh says what each step proves).
+gpu-check:
+	PYTHON=$(PYTHON) bash deploy/gpu-check.sh
 
 # Regenerate the gRPC/protobuf code in proto/ from proto/seqserve.proto (grpcio-tools, pinned
 # in the dev extra); commit the result: tests/server/test_proto.py fails when it is stale.

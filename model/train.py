@@ -262,7 +262,8 @@ def train(task: str | None, data: str | None, valid: str | None, opts: TrainOpti
         if opts.max_minutes is not None and elapsed + epoch_seconds > 60 * opts.max_minutes:
             log.info("stopping: another epoch would pass the %.1f min budget", opts.max_minutes)
             break
-    summary = {"best": best, "history": history["valid"], "parameters": count_parameters(model),
+    summary = {"best": best, "history": history["valid"], "train_loss": history["train_loss"],
+               "parameters": count_parameters(model),
                "config": cfg.to_dict(), "train_seconds": round(time.perf_counter() - started, 1)}
     (opts.out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary

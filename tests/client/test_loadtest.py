@@ -85,7 +85,7 @@ def test_errors_are_counted_by_status_code(start_server) -> None:
 
 def test_runs_stop_by_themselves_when_calls_hang(fake_server) -> None:
     servicer, address = fake_server
-    servicer.delay = 5.0  # far past the calls' deadline
+    servicer.delay = 60.0  # far past the calls' deadline: the fake answers only calls that are over
 
     async def go() -> RunResult:
         async with AsyncClient(address) as client:
@@ -93,7 +93,7 @@ def test_runs_stop_by_themselves_when_calls_hang(fake_server) -> None:
 
     start = time.monotonic()
     report = summarize(asyncio.run(go()))
-    assert time.monotonic() - start < 3
+    assert time.monotonic() - start < servicer.delay / 2  # the run ended without waiting for an answer
     assert report.succeeded == 0 and report.failed == report.sent > 0
     assert report.errors == {"DEADLINE_EXCEEDED": report.sent}
     assert report.latency_ms is None and "errors DEADLINE_EXCEEDED" in format_table([report])
@@ -101,7 +101,7 @@ def test_runs_stop_by_themselves_when_calls_hang(fake_server) -> None:
 
 def test_hard_stop_cancels_and_counts_what_is_left(fake_server) -> None:
     servicer, address = fake_server
-    servicer.delay = 5.0
+    servicer.delay = 60.0
 
     async def go() -> RunResult:
         async with AsyncClient(address) as client:
@@ -111,7 +111,7 @@ def test_hard_stop_cancels_and_counts_what_is_left(fake_server) -> None:
     start = time.monotonic()
     run = asyncio.run(go())
     report = summarize(run)
-    assert time.monotonic() - start < 3
+    assert time.monotonic() - start < 30  # the hard stop ended it: neither the answers nor the deadline did
     assert report.sent > 0 and report.failed == report.sent
     assert set(report.errors) == {"CANCELLED_BY_LOADTEST"}
 

@@ -20,6 +20,12 @@ from seqserve.server.testing import InProcessServer, loopback_config
 TIMEOUT = 30.0  # seconds: the bound on any one wait in these tests
 
 
+class StepCounter:
+    """Decoder steps run while `RunningServer.slow_decode` is on."""
+
+    steps = 0
+
+
 class RunningServer(InProcessServer):
     """An in-process server with a blocking client channel and helpers to steer its decoding."""
 
@@ -38,18 +44,24 @@ class RunningServer(InProcessServer):
         return time.monotonic() - start
 
     @contextlib.contextmanager
-    def slow_decode(self, seconds: float) -> Iterator[None]:
-        """Make every decoder step take at least `seconds`, so requests stay in the batch a while."""
+    def slow_decode(self, seconds: float) -> Iterator[StepCounter]:
+        """Make every decoder step take at least `seconds`, so requests stay in the batch a while.
+
+        Yields the count of decoder steps run meanwhile: tests that a row left the batch early
+        compare steps, which do not depend on how fast the machine is.
+        """
         engine = self.scheduler.engine
         original = engine.decode
+        counter = StepCounter()
 
         def decode(*args: Any) -> Any:
             time.sleep(seconds)
+            counter.steps += 1
             return original(*args)
 
         engine.decode = decode  # type: ignore[method-assign]
         try:
-            yield
+            yield counter
         finally:
             del engine.decode  # back to the class's method
             assert self.scheduler.wait_idle(TIMEOUT), "scheduler still busy after the test"

@@ -23,8 +23,6 @@ from seqserve.server.generation import GenerationParams, RequestResult, Strategy
 from seqserve.server.scheduler import Scheduler
 from seqserve.server.testing import InProcessServer, loopback_config
 
-CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
-
 
 @pytest.fixture(scope="module")
 def host(model_dir: Path) -> OnnxSeq2Seq:
@@ -223,7 +221,7 @@ def test_server_flag_reaches_the_engine(model_dir: Path) -> None:
 # -- on a GPU ------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not CUDA, reason="needs onnxruntime-gpu and a CUDA device")
+@pytest.mark.cuda
 def test_cuda_keeps_the_cache_on_the_gpu(model_dir: Path, host: OnnxSeq2Seq, sources: list[list[int]],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     gpu = OnnxSeq2Seq(model_dir, device="cuda")  # io_binding="auto": on with CUDA

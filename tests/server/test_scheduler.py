@@ -23,6 +23,34 @@ CFG = ModelConfig(vocab_size=256, d_model=8, encoder_layers=1, decoder_layers=1,
                   max_source_len=16, max_target_len=200)
 
 
+class Gate:
+    """Lets the fake engine's decoder steps through only as the test allows: what happens at
+    which step then depends on the order of events, never on how fast the machine is."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.allowed = 0
+        self.passed = 0
+
+    def allow(self, steps: int) -> None:
+        with self._cond:
+            self.allowed += steps
+            self._cond.notify_all()
+
+    def open(self) -> None:
+        self.allow(1 << 30)
+
+    def wait_passed(self, steps: int) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.passed >= steps, timeout=10), f"{self.passed} of {steps} steps"
+
+    def enter(self) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.passed < self.allowed, timeout=10), "the test never allowed a step"
+            self.passed += 1
+            self._cond.notify_all()
+
+
 class FakeEngine:
     """Scripted model: the source's first token k makes the row emit k, k+1, ... for k steps, then EOS
     (k = 2 would start with EOS itself, so tests avoid it).
@@ -34,8 +62,9 @@ class FakeEngine:
 
     config = CFG
 
-    def __init__(self, step_delay: float = 0.0) -> None:
+    def __init__(self, step_delay: float = 0.0, gate: Gate | None = None) -> None:
         self.step_delay = step_delay
+        self.gate = gate
         self.batch_sizes: list[int] = []
 
     def encode(self, source_ids: np.ndarray, source_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -47,6 +76,8 @@ class FakeEngine:
     def decode(self, tokens, positions, past_key, past_value, self_mask, cross_key, cross_value, source_mask):  # noqa: ANN001
         if self.step_delay:
             time.sleep(self.step_delay)
+        if self.gate is not None:
+            self.gate.enter()
         b = tokens.shape[0]
         self.batch_sizes.append(b)
         assert self_mask.shape == (b, past_key.shape[3] + 1)
@@ -98,16 +129,20 @@ def test_concurrent_requests_each_get_their_own_tokens(fake: FakeEngine) -> None
 
 
 def test_short_request_is_not_held_behind_long_ones() -> None:
-    fake = FakeEngine(step_delay=0.002)
-    sched = run(Scheduler(fake, max_batch_size=4))
+    gate = Gate()
+    sched = run(Scheduler(FakeEngine(gate=gate), max_batch_size=4))
     try:
         long = sched.submit([40], greedy())
-        time.sleep(0.02)
+        gate.allow(5)
+        gate.wait_passed(5)  # the long request is decoding
         short = sched.submit([3], greedy())
+        gate.allow(10)  # enough for the short one (4 steps) after one more of the long one alone
         assert short.future.result(timeout=10).sequences[0].token_ids == [3, 4, 5]
         assert not long.future.done(), "the short request waited for the long one"
+        gate.open()
         assert long.future.result(timeout=10).sequences[0].token_ids == expected(40)
     finally:
+        gate.open()
         sched.stop()
 
 
@@ -125,37 +160,48 @@ def test_length_stop_and_min_new_tokens(fake: FakeEngine) -> None:
 
 
 def test_cancel_and_deadline_free_the_rows() -> None:
-    fake = FakeEngine(step_delay=0.005)
+    gate = Gate()
+    fake = FakeEngine(gate=gate)
     sched = run(Scheduler(fake, max_batch_size=4))
     try:
+        deadline = time.monotonic() + 0.05
         cancelled = sched.submit([60], greedy())
-        late = sched.submit([60], greedy(), deadline=time.monotonic() + 0.05)
-        time.sleep(0.03)
+        late = sched.submit([60], greedy(), deadline=deadline)
+        gate.allow(3)
+        gate.wait_passed(3)
         cancelled.cancel()
+        while time.monotonic() <= deadline:  # the deadline passes while the fourth step waits
+            time.sleep(0.01)
+        gate.open()
         with pytest.raises(errors.Cancelled):
             cancelled.future.result(timeout=5)
         with pytest.raises(errors.DeadlineExceeded):
             late.future.result(timeout=5)
         assert sched.wait_idle(5) and sched.active_rows == 0
-        assert len(fake.batch_sizes) < 40, "the server kept decoding cancelled rows"
+        # Both rows leave by the boundary after the fourth step (the cancelled one may leave just
+        # before it): at most 4 steps of their 61.
+        assert len(fake.batch_sizes) <= 4, "the server kept decoding cancelled or expired rows"
     finally:
+        gate.open()
         sched.stop()
 
 
 def test_full_queue_is_refused_at_once() -> None:
-    fake = FakeEngine(step_delay=0.01)
-    sched = run(Scheduler(fake, max_batch_size=1, max_queue=2))
+    gate = Gate()
+    sched = run(Scheduler(FakeEngine(gate=gate), max_batch_size=1, max_queue=2))
     try:
         running = sched.submit([50], greedy())
-        time.sleep(0.05)  # admitted: the queue is empty again
+        gate.allow(1)
+        gate.wait_passed(1)  # admitted: the queue is empty again
         queued = [sched.submit([1], greedy()) for _ in range(2)]
-        start = time.monotonic()
         with pytest.raises(errors.Overloaded, match="queue is full"):
             sched.submit([1], greedy())
-        assert time.monotonic() - start < 0.5
+        assert gate.passed == 1 and not running.future.done()  # refused without waiting for a step
         running.cancel()
+        gate.open()
         assert all(q.future.result(timeout=5).sequences[0].token_ids == [1] for q in queued)
     finally:
+        gate.open()
         sched.stop()
 
 
@@ -170,16 +216,32 @@ def test_close_refuses_new_work_but_finishes_admitted(fake: FakeEngine) -> None:
 
 
 def test_stop_fails_unfinished_requests() -> None:
-    sched = run(Scheduler(FakeEngine(step_delay=0.01), max_batch_size=1))
+    gate = Gate()
+    sched = run(Scheduler(FakeEngine(gate=gate), max_batch_size=1))
     handles = [sched.submit([90], greedy()) for _ in range(2)]
-    time.sleep(0.03)
-    sched.stop()
+    gate.allow(1)
+    gate.wait_passed(1)
+    stopper = threading.Thread(target=sched.stop)
+    stopper.start()
+
+    def stopping() -> bool:  # stop() closes the scheduler before it waits for the worker
+        try:
+            sched.submit([1], greedy()).cancel()
+        except errors.Unavailable:
+            return True
+        return False
+
+    while not stopping():
+        time.sleep(0.001)
+    gate.open()  # the worker finishes its step and sees that it must stop
+    stopper.join(10)
+    assert not stopper.is_alive()
     for h in handles:
         with pytest.raises(errors.Unavailable):
             h.future.result(timeout=5)
 
 
-def test_streaming_callback_sees_tokens_before_the_end(fake: FakeEngine) -> None:
+def test_streaming_callback_sees_tokens_before_the_end() -> None:
     sched = run(Scheduler(FakeEngine(step_delay=0.002)))
     seen: list[int] = []
     first_seen_while_running = threading.Event()
@@ -259,27 +321,34 @@ def test_beam_search_and_sampling_share_the_batch(engine: OnnxSeq2Seq, sources: 
 
 
 def test_cancelled_or_expired_queued_requests_free_their_queue_place() -> None:
-    fake = FakeEngine(step_delay=0.02)  # the running request takes ~1.8 s: far longer than the waits below
-    sched = run(Scheduler(fake, max_batch_size=1, max_queue=1))
+    gate = Gate()  # the running request holds the only row for as many steps as the test allows
+    sched = run(Scheduler(FakeEngine(gate=gate), max_batch_size=1, max_queue=1))
     try:
         running = sched.submit([90], greedy())
-        time.sleep(0.05)
+        gate.allow(1)
+        gate.wait_passed(1)
         queued = sched.submit([3], greedy())
         queued.cancel()
+        gate.allow(1)  # one step boundary later
         with pytest.raises(errors.Cancelled):
-            queued.future.result(timeout=1)  # resolved while still queued, not when it reaches the head
-        late = sched.submit([3], greedy(), deadline=time.monotonic() + 0.02)
-        time.sleep(0.05)
+            queued.future.result(timeout=5)  # resolved while still queued, not when it reaches the head
+        deadline = time.monotonic() + 0.02
+        late = sched.submit([3], greedy(), deadline=deadline)
+        while time.monotonic() <= deadline:
+            time.sleep(0.005)
         accepted = sched.submit([3], greedy())  # the expired one holds no place in the queue
         with pytest.raises(errors.DeadlineExceeded):
-            late.future.result(timeout=1)
+            late.future.result(timeout=5)
+        assert not running.future.done()
         running.cancel()
+        gate.open()
         assert accepted.future.result(timeout=5).sequences[0].token_ids == [3, 4, 5]
     finally:
+        gate.open()
         sched.stop()
 
 
-def test_a_failing_token_callback_fails_only_its_own_request(fake: FakeEngine) -> None:
+def test_a_failing_token_callback_fails_only_its_own_request() -> None:
     sched = run(Scheduler(FakeEngine(step_delay=0.002)))
 
     def explode(event) -> None:  # noqa: ANN001
