@@ -121,10 +121,12 @@ class FakeServicer(pb_grpc.SeqServeServicer):
         self.abort: tuple[grpc.StatusCode, str] | None = None  # fail every call with this status
         self.cancelled = threading.Event()  # set when a call ended without completing
         self.metadata: list[tuple[str, str]] = []  # the last call's invocation metadata
+        self.started = threading.Event()  # set when a call reaches the servicer
 
     def _start(self, context: grpc.ServicerContext) -> dict[str, bool]:
         """Record the call; its returned state's "done" must be set once it completed normally."""
         self.metadata = [(m.key, m.value) for m in context.invocation_metadata()]
+        self.started.set()
         state = {"done": False}
         context.add_callback(lambda: None if state["done"] else self.cancelled.set())  # runs when the RPC ends
         if self.abort:

@@ -185,7 +185,7 @@ def test_cancelled_when_the_channel_closes_under_a_call(fake_server) -> None:
 
     thread = threading.Thread(target=call)
     thread.start()
-    time.sleep(0.3)
+    assert servicer.started.wait(TIMEOUT)  # the call is in flight
     client.close()
     thread.join(5)
     assert len(outcome) == 1 and isinstance(outcome[0], Cancelled), outcome
