@@ -182,6 +182,18 @@ class DecodeBatch:
         self.positions = self.positions + 1
         return logits[:, -1], alignment[:, -1], run_seconds
 
+    def subset(self, rows: np.ndarray) -> DecodeBatch:
+        """A new batch of these rows only, leaving this one as it is (to step a few rows alone)."""
+        ops = self._ops or HOST
+        out = DecodeBatch.__new__(DecodeBatch)
+        out._ops = self._ops
+        out.tokens, out.positions = self.tokens[rows], self.positions[rows]
+        out.cache_mask, out.source_mask = self.cache_mask[rows], self.source_mask[rows]
+        out.past_key, out.past_value = ops.take(self.past_key, self.past_value, rows, 0, self.cache_len)
+        out.cross_key, out.cross_value = ops.take(self.cross_key, self.cross_value, rows, 0,
+                                                  self.source_mask.shape[1])
+        return out
+
     def reorder(self, index: np.ndarray) -> None:
         """Row i takes the cache of row index[i] (beam search). Cross K/V stay: a request's beams
         share one source, so their rows hold the same cross K/V."""

@@ -76,6 +76,7 @@ class SeqServeServer:
                                                    max_queue=config.max_queue, observer=self.metrics)
             scheduler.start()
             providers = list(engine.providers)
+        self.metrics.watch(scheduler)
         # One real generation: ONNX Runtime allocates and picks kernels on its first runs.
         handle = scheduler.submit(encode_source(tokenizer, WARMUP_TEXT)[: model_dir.config.max_source_len],
                                   GenerationParams(max_new_tokens=min(4, model_dir.config.max_target_len)))

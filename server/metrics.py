@@ -47,7 +47,9 @@ class Metrics:
                                           "ONNX Runtime's run", buckets=LATENCY_BUCKETS, registry=r)
         self.batch_rows = Histogram("seqserve_batch_rows", "Rows (inputs, beams, samples) per decoder step",
                                     buckets=ROW_BUCKETS, registry=r)
-        self.active_rows = Gauge("seqserve_active_rows", "Rows in the running batch at the last step", registry=r)
+        # Both read from the scheduler when scraped (`watch`): an idle server reports 0, not the
+        # last step's figure.
+        self.active_rows = Gauge("seqserve_active_rows", "Rows in the running batch now", registry=r)
         self.queue_depth = Gauge("seqserve_queue_depth", "Requests waiting for a batch row", registry=r)
         self.input_tokens = Counter("seqserve_input_tokens", "Source tokens of finished inputs", registry=r)
         self.generated_tokens = Counter("seqserve_generated_tokens", "Tokens generated for finished inputs",
@@ -64,10 +66,15 @@ class Metrics:
         self.step_seconds.observe(seconds)
         self.step_run_seconds.observe(run_seconds)
         self.batch_rows.observe(rows)
-        self.active_rows.set(rows)
 
     def on_queue_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)
+
+    def watch(self, scheduler: Any) -> None:
+        """Read the rows in the batch and the queue depth from the scheduler (anything with
+        `active_rows` and `queue_depth`) whenever the metrics are scraped."""
+        self.active_rows.set_function(lambda: scheduler.active_rows)
+        self.queue_depth.set_function(lambda: scheduler.queue_depth)
 
     # -- the service (event loop) -----------------------------------------------------------
 

@@ -262,10 +262,10 @@ class Scheduler:
                 self._drop_finished()
                 if self.observer:
                     self.observer.on_step(rows, time.perf_counter() - start - encoder_seconds, run_seconds)
-        except Exception as exc:  # a bug, or the engine failing: fail the batch, keep serving
+        except Exception:  # a bug outside any one request's work: fail the batch, keep serving
             log.exception("decoding step failed")
             for request in self._active:
-                self._fail(request, errors.ServingError(f"decoding failed: {type(exc).__name__}: {exc}"))
+                self._fail(request, errors.ServingError("decoding failed (see the server log)"))
             self._clear_batch()
 
     def _clear_batch(self) -> None:
@@ -337,9 +337,43 @@ class Scheduler:
     def _step(self) -> float:
         """One decoder step for all rows, then each row's choice of token; returns seconds in the engine."""
         assert self._batch is not None
-        logits, alignment, run_seconds = self._batch.step(self.engine)
+        try:
+            logits, alignment, run_seconds = self._batch.step(self.engine)
+        except Exception:
+            log.exception("decoder step failed for a batch of %d rows; retrying request by request", len(self._batch))
+            if not self._isolate_failed_step():
+                raise
+            assert self._batch is not None
+            logits, alignment, run_seconds = self._batch.step(self.engine)
         self._batch.tokens = self._choose(logits, alignment)
         return run_seconds
+
+    def _isolate_failed_step(self) -> bool:
+        """After a failed decoder step: run each request's rows alone (on copies) to find the ones
+        that fail by themselves; fail those requests alone and drop their rows, so the rest of the
+        batch can step again with the results it would have had anyway (a row's results do not
+        depend on its batch company). False when no request fails alone.
+
+        A step does not change the batch when it raises, so the batch is as it was before it.
+        """
+        assert self._batch is not None
+        culprits: list[_Request] = []
+        row = 0
+        for request in self._active:
+            rows = np.arange(row, row + request.params.rows)
+            row += request.params.rows
+            try:
+                self._batch.subset(rows).step(self.engine)
+            except Exception:
+                log.exception("decoder step failed for one request alone (%d source tokens)", len(request.source_ids))
+                culprits.append(request)
+        if not culprits or len(culprits) == len(self._active):
+            return False
+        for request in culprits:
+            self._fail(request, errors.ServingError("decoding failed for this request alone (see the server log); "
+                                                    "the other requests in its batch went on"))
+        self._remove_done()
+        return True
 
     def _choose(self, logits: np.ndarray, alignment: np.ndarray) -> np.ndarray:
         """Pick every row's next token and record it; returns the decoder's next inputs (R,)."""
@@ -357,6 +391,9 @@ class Scheduler:
         row = 0
         for request in self._active:
             params = request.params
+            if request.done:  # failed earlier in this step (a callback): its rows leave after it
+                row += params.rows
+                continue
             if request.fast:  # the common case, kept cheap: Python time per step counts
                 token = chosen[row]
                 seq = request.sequences[0]
@@ -373,33 +410,48 @@ class Scheduler:
                 row += 1
                 continue
             n = params.rows
-            span = slice(row, row + n)
-            if params.strategy is Strategy.SAMPLE:
-                assert request.rng is not None
-                next_tokens[span] = sample(logits[span], request.rng, temperature=params.temperature,
-                                           top_k=params.top_k, top_p=params.top_p)
-            if request.beam is not None:
-                sources, tokens = request.beam.step(log_softmax(logits[span]),
-                                                    alignment[span] if params.return_alignments else None)
-                next_tokens[span] = tokens
-                if not np.array_equal(sources, np.arange(n)):
-                    if reorder is None:
-                        reorder = np.arange(len(next_tokens))
-                    reorder[span] = row + sources
-                if request.first_token == 0.0:
-                    request.first_token = now
-                if request.beam.done() or len(request.beam.tokens[0]) >= params.max_new_tokens:
-                    self._finish_beam(request)
-            else:
-                log_probs = log_softmax(logits[span]) if params.return_log_probs else None
-                for i in range(n):
-                    self._emit(request, i, int(next_tokens[row + i]),
-                               None if log_probs is None else float(log_probs[i, next_tokens[row + i]]),
-                               alignment[row + i] if params.return_alignments else None, now)
+            try:  # one request's own arithmetic (its options at their extremes) fails it alone
+                sources = self._choose_for(request, row, logits, alignment, next_tokens, now)
+            except Exception:
+                log.exception("choosing tokens failed for one request (%s)", params.strategy.name)
+                self._fail(request, errors.ServingError("choosing the next token failed for this request "
+                                                        "(see the server log); the rest of its batch went on"))
+                sources = None
+            if sources is not None and not np.array_equal(sources, np.arange(n)):
+                if reorder is None:
+                    reorder = np.arange(len(next_tokens))
+                reorder[row:row + n] = row + sources
             row += n
         if reorder is not None:
             self._batch.reorder(reorder)
         return next_tokens.astype(np.int64)
+
+    def _choose_for(self, request: _Request, row: int, logits: np.ndarray, alignment: np.ndarray,
+                    next_tokens: np.ndarray, now: float) -> np.ndarray | None:
+        """Sampling, beam search, or greedy with extras for one request's rows (starting at `row`):
+        writes their next tokens into `next_tokens`; returns a beam's source rows, else None."""
+        params = request.params
+        n = params.rows
+        span = slice(row, row + n)
+        if params.strategy is Strategy.SAMPLE:
+            assert request.rng is not None
+            next_tokens[span] = sample(logits[span], request.rng, temperature=params.temperature,
+                                       top_k=params.top_k, top_p=params.top_p)
+        if request.beam is not None:
+            sources, tokens = request.beam.step(log_softmax(logits[span]),
+                                                alignment[span] if params.return_alignments else None)
+            next_tokens[span] = tokens
+            if request.first_token == 0.0:
+                request.first_token = now
+            if request.beam.done() or len(request.beam.tokens[0]) >= params.max_new_tokens:
+                self._finish_beam(request)
+            return sources
+        log_probs = log_softmax(logits[span]) if params.return_log_probs else None
+        for i in range(n):
+            self._emit(request, i, int(next_tokens[row + i]),
+                       None if log_probs is None else float(log_probs[i, next_tokens[row + i]]),
+                       alignment[row + i] if params.return_alignments else None, now)
+        return None
 
     def _emit(self, request: _Request, index: int, token: int, log_prob: float | None,
               alignment: np.ndarray | None, now: float) -> None:
@@ -500,6 +552,10 @@ class Scheduler:
                 error = self._expired(request, now)
                 if error is not None:
                     self._fail(request, error)
+        self._remove_done()
+
+    def _remove_done(self) -> None:
+        """Drop the rows of requests that are done from the batch."""
         if not any(r.done for r in self._active):
             return
         keep = np.repeat([not r.done for r in self._active], [r.params.rows for r in self._active])

@@ -3,6 +3,7 @@ beam search. Nothing here knows about batches of other requests or about gRPC.""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +21,11 @@ def sample(logits: np.ndarray, rng: np.random.Generator, *, temperature: float, 
     """One token per row of (N, V) logits. temperature 0 means greedy."""
     if temperature == 0.0:
         return logits.argmax(axis=-1)
-    x = logits.astype(np.float64) / temperature
+    # Shifted so that each row's best logit is 0 before dividing: any temperature > 0, however
+    # small, then gives finite or -inf values and never inf - inf.
+    x = logits.astype(np.float64)
+    with np.errstate(over="ignore", under="ignore"):
+        x = (x - x.max(axis=-1, keepdims=True)) / temperature
     if 0 < top_k < x.shape[-1]:
         kth = np.partition(x, -top_k, axis=-1)[:, -top_k][:, None]
         x = np.where(x < kth, -np.inf, x)
@@ -81,7 +86,12 @@ class BeamSearch:
         self.alignments = [[] for _ in range(self.num_beams)]
 
     def _score(self, total: float, length: int) -> float:
-        return total / max(1, length) ** self.length_penalty
+        """total / length ** length_penalty, for any finite penalty: a power that overflows or
+        underflows gives an infinite or zero score instead of an exception, and an undefined one
+        (-inf / inf, 0 / 0) the worst score."""
+        with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+            score = np.float64(total) / np.power(np.float64(max(1, length)), self.length_penalty)
+        return -math.inf if math.isnan(score) else float(score)
 
     def step(self, step_log_probs: np.ndarray, alignment: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Advance one token: returns (source row per beam (num_beams,), new token per beam (num_beams,))."""

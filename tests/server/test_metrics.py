@@ -22,7 +22,7 @@ def test_observations_reach_the_exposition() -> None:
     text = metrics.text()
     for line in ('seqserve_requests_total{code="OK",method="Generate"} 1.0',
                  'seqserve_requests_total{code="RESOURCE_EXHAUSTED",method="Generate"} 1.0',
-                 "seqserve_queue_depth 7.0", "seqserve_active_rows 5.0", "seqserve_batch_rows_sum 5.0",
+                 "seqserve_queue_depth 7.0", "seqserve_batch_rows_sum 5.0",
                  "seqserve_step_seconds_count 1.0", "seqserve_step_onnx_seconds_sum 0.003",
                  "seqserve_encoder_seconds_count 1.0", "seqserve_encoder_batch_requests_sum 3.0",
                  "seqserve_generated_tokens_total 3.0", "seqserve_input_tokens_total 4.0",
