@@ -1,9 +1,10 @@
 """The gRPC servicer of `seqserve.v1.SeqServe` (grpc.aio): protobuf in and out, validation, nothing else.
 
-Requests are checked (`validation`), handed to the scheduler, and their results turned back into
+Requests are checked (`validation`; the request id here, since it is echoed in the `x-request-id`
+trailer and every log line), handed to the scheduler, and their results turned back into
 protobuf. Domain errors (`errors.ServingError`) become their status codes; a bug becomes INTERNAL
-with the request id, never a user's fault. A client's deadline becomes the scheduler's deadline, and
-a client that cancels (or disconnects) has its rows dropped from the batch at the next step.
+with the request id, never a user's fault. A client's deadline becomes the scheduler's deadline,
+and a client that cancels (or disconnects) has its rows dropped from the batch at the next step.
 
 The scheduler's worker thread talks to the event loop only through `loop.call_soon_threadsafe`.
 """
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import threading
 import time
 import uuid
@@ -39,6 +41,12 @@ from seqserve.server.validation import ValidInput, Validator
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SeqServe"].full_name  # "seqserve.v1.SeqServe"
 MAX_REQUEST_ID = 128  # characters; the id goes into every log line of the request
+# Printable ASCII without the space: the id is echoed in the `x-request-id` trailer, where gRPC
+# refuses anything else (the client would see INTERNAL "Invalid metadata" instead of our status)
+# and HTTP/2 peers may trim spaces; and it cannot break or forge a log line.
+_REQUEST_ID = re.compile(rf"[\x21-\x7e]{{1,{MAX_REQUEST_ID}}}")
+REQUEST_ID_RULE = (f"must be 1 to {MAX_REQUEST_ID} printable ASCII characters without spaces "
+                   "(or empty: the server makes one)")
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("seqserve.requests")
@@ -224,6 +232,11 @@ def add_to_server(service: SeqServeService, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
+def valid_request_id(request_id: str) -> bool:
+    """Whether a caller's request id may be used as is (in the trailer, the response, the logs)."""
+    return _REQUEST_ID.fullmatch(request_id) is not None
+
+
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     """The client's deadline as a time.monotonic() value, or None without one."""
     remaining = context.time_remaining()
@@ -359,7 +372,8 @@ class SeqServeService(pb_grpc.SeqServeServicer):
     @contextlib.asynccontextmanager
     async def _rpc(self, method: str, request_id: str, context: grpc.aio.ServicerContext) -> AsyncIterator[_Call]:
         """Track one RPC: in-flight count, status code, request log line, metrics; errors -> abort."""
-        call = _Call(method, request_id if 0 < len(request_id) <= MAX_REQUEST_ID else uuid.uuid4().hex[:16],
+        # A bad id is refused by `_ready`; the call is logged and answered under one of ours.
+        call = _Call(method, request_id if valid_request_id(request_id) else uuid.uuid4().hex[:16],
                      context.peer() or "")
         self._in_flight += 1
         self._idle.clear()
@@ -395,8 +409,8 @@ class SeqServeService(pb_grpc.SeqServeServicer):
         if isinstance(request, Malformed):
             raise errors.InvalidRequest("request", f"not a valid {request.message_type}: {request.reason}")
         request_id = getattr(request, "request_id", "")
-        if len(request_id) > MAX_REQUEST_ID:
-            raise errors.InvalidRequest("request_id", f"{len(request_id)} characters; at most {MAX_REQUEST_ID}")
+        if request_id and not valid_request_id(request_id):  # never echoed: the message does not quote it
+            raise errors.InvalidRequest("request_id", REQUEST_ID_RULE)
         return self.backend
 
     async def _run_all(self, backend: Backend, items: list[ValidInput], deadline: float | None) -> list[RequestResult]:
