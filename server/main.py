@@ -3,7 +3,9 @@
 `create_server(config)` checks the model directory, starts the gRPC server (health NOT_SERVING),
 loads the engine and tokenizer, warms up with one real generation, then turns health to SERVING.
 `serve(config)` runs it until SIGTERM/SIGINT, then drains: health goes NOT_SERVING, new calls get
-UNAVAILABLE, calls in flight get `grace_period_s` to finish, and the process exits 0.
+UNAVAILABLE, calls in flight get `grace_period_s` to finish, and the process exits 0, or
+`EXIT_DRAIN_CUT_SHORT` (3) when calls were still running at the end of the grace period and were
+cut, so that an orchestrator can tell a clean drain from one that failed requests.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ HEALTH_SERVICES = ("", SERVICE_NAME)  # "" is the whole server
 WARMUP_TEXT = "warm up"
 HEALTH_SETTLE_S = 1.0  # at least this long between NOT_SERVING and closing the listener
 FLUSH_S = 1.0  # after draining: time for the last responses to go out before the server stops
+EXIT_DRAIN_CUT_SHORT = 3  # exit status when the grace period ran out with calls in flight (1: bad setup)
 
 
 class SeqServeServer:
@@ -95,8 +98,9 @@ class SeqServeServer:
             self._loop.create_task(self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING))
         log.error("not serving any more: %s", reason)
 
-    async def drain(self, grace: float) -> bool:
-        """Graceful shutdown; returns True when every call in flight finished within `grace` seconds."""
+    async def drain(self, grace: float) -> int:
+        """Graceful shutdown; returns how many calls were still in flight when `grace` seconds ran out
+        and were cut (0: every call finished)."""
         started = time.monotonic()
         await self.health.enter_graceful_shutdown()  # NOT_SERVING for every service, for good
         self.service.start_draining()
@@ -108,13 +112,15 @@ class SeqServeServer:
         # which they retry on another replica.
         await asyncio.sleep(max(0.0, min(HEALTH_SETTLE_S - (time.monotonic() - started),
                                          grace - (time.monotonic() - started))))
+        cut = 0 if finished else self.service.in_flight  # the grace period is over: stop() cancels them
         # What is left are the last responses on their way out and long-lived calls such as health
         # watchers (which have seen NOT_SERVING): a short flush, not the rest of the grace period.
         await self.stop(min(FLUSH_S, max(0.0, grace - (time.monotonic() - started))))
-        return finished
+        return cut
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop now (calls still running after `grace` seconds are cancelled), then the worker and metrics."""
+        self.service.start_stopping()
         await self.grpc_server.stop(grace)
         if self.scheduler is not None:
             await asyncio.to_thread(self.scheduler.stop)
@@ -204,8 +210,13 @@ async def serve(config: ServerConfig) -> int:
     await stop.wait()
     log.info("draining: %d calls in flight, grace period %.1f s", server.service.in_flight, config.grace_period_s,
              extra={"fields": {"event": "draining", "in_flight": server.service.in_flight}})
-    finished = await server.drain(config.grace_period_s)
-    log.info("stopped", extra={"fields": {"event": "stopped", "drained": finished}})
+    cut = await server.drain(config.grace_period_s)
+    if cut:
+        log.warning("stopped: the grace period of %.1f s ran out, %d calls in flight were cut (exit %d)",
+                    config.grace_period_s, cut, EXIT_DRAIN_CUT_SHORT, extra={"fields": {
+                        "event": "stopped", "drained": False, "calls_cut": cut, "exit_status": EXIT_DRAIN_CUT_SHORT}})
+        return EXIT_DRAIN_CUT_SHORT
+    log.info("stopped", extra={"fields": {"event": "stopped", "drained": True, "calls_cut": 0, "exit_status": 0}})
     return 0
 
 

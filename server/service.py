@@ -253,6 +253,7 @@ class SeqServeService(pb_grpc.SeqServeServicer):
         self.metrics = metrics
         self.backend: Backend | None = None  # set once the model is loaded and warmed up
         self.draining = False
+        self.stopping = False
         self._mailboxes: dict[asyncio.AbstractEventLoop, LoopMailbox] = {}
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -266,6 +267,11 @@ class SeqServeService(pb_grpc.SeqServeServicer):
     def start_draining(self) -> None:
         """From now on every new call gets UNAVAILABLE; calls in flight go on."""
         self.draining = True
+
+    def start_stopping(self) -> None:
+        """The server is stopping: a call cancelled from now on was cut by it, and its client sees
+        UNAVAILABLE (the connection goes away), so that is what the call is logged and counted as."""
+        self.stopping = True
 
     async def wait_idle(self, timeout: float) -> bool:
         """True once no call is in flight (within timeout seconds)."""
@@ -384,6 +390,8 @@ class SeqServeService(pb_grpc.SeqServeServicer):
         except errors.ServingError as exc:
             error = exc
         except asyncio.CancelledError:  # the client cancelled or went away; the finally below logs it
+            if self.stopping:
+                call.code, call.error = grpc.StatusCode.UNAVAILABLE, "server stopped before the call finished"
             raise
         except Exception:  # a bug: keep its traceback in the log, tell the caller only the request id
             log.exception("request %s (%s) failed", call.id, method)

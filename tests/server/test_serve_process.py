@@ -1,5 +1,6 @@
 """`seqserve serve` as a real process: it never loads torch, drains on SIGTERM (in-flight calls finish,
-new ones get UNAVAILABLE, exit 0), and refuses a broken model directory with one line."""
+new ones get UNAVAILABLE, exit 0; exit 3 when the grace period runs out and calls are cut), and
+refuses a broken model directory with one line."""
 
 from __future__ import annotations
 
@@ -180,3 +181,58 @@ def test_bad_model_dir_refuses_to_start_with_one_line(model_dir: Path, tmp_path:
         assert result.returncode == 1
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("seqserve serve: error:") and reason in lines[0], result.stderr
+
+
+
+def test_drain_cut_short_exits_3_and_says_so(model_dir: Path, serve_process: Callable[..., ServeProcess]) -> None:
+    # One batch row and 3 x 256 inputs of 24 forced tokens (seconds of decoding, about three on a
+    # fast machine), a stream queued behind the first batch, and a grace period of 0.2 s: calls are
+    # still in flight when it runs out. An orchestrator must be able to tell: exit 3, a warning
+    # with the count of calls cut, and the status each cut call got is the one logged for it.
+    with socket.socket() as s:  # a free port for /metrics
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    process = serve_process(str(model_dir), "--host", "127.0.0.1", "--port", "0", "--max-batch-size", "1",
+                            "--max-queue", "1024", "--max-inputs-per-request", "256", "--grace-period", "0.2",
+                            "--intra-op-threads", "1", "--metrics-port", str(metrics_port))
+    port = process.wait_for_event("serving")["port"]
+
+    def wait_for_queue_depth(depth: int) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=TIMEOUT) as response:
+                found = re.search(r"^seqserve_queue_depth (\S+)$", response.read().decode(), re.MULTILINE)
+            if found and float(found.group(1)) >= depth:
+                return
+            time.sleep(0.005)
+        pytest.fail(f"queue depth never reached {depth}")
+
+    sources = [p.source for p in dates_pairs(256, seed=99)]
+    request = pb.GenerateRequest(inputs=sources, options=pb.GenerationOptions(min_new_tokens=24, max_new_tokens=24))
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.SeqServeStub(channel)
+        first = stub.Generate.future(request, timeout=TIMEOUT)
+        wait_for_queue_depth(64)  # the first batch waits in the queue: the stream goes in behind it
+        streamed = stub.GenerateStream(pb.GenerateStreamRequest(input=sources[0], options=request.options),
+                                       timeout=TIMEOUT)
+        calls = [first, *(stub.Generate.future(request, timeout=TIMEOUT) for _ in range(2))]
+        wait_for_queue_depth(2 * 256 + 1)  # more than the first batch and the stream: all are in
+        process.proc.send_signal(signal.SIGTERM)
+        in_flight = process.wait_for_event("draining")["in_flight"]
+        got: list[tuple[str, str, str]] = []  # (method, status, details) as the client saw them
+        for method, call in [*(("Generate", c) for c in calls), ("GenerateStream", streamed)]:
+            try:
+                call.result(TIMEOUT) if method == "Generate" else list(call)
+                got.append((method, "OK", ""))
+            except grpc.RpcError as exc:
+                got.append((method, exc.code().name, exc.details()))
+    assert process.proc.wait(TIMEOUT) == 3
+    stopped = process.wait_for_event("stopped")
+    assert stopped["level"] == "warning" and stopped["drained"] is False and stopped["exit_status"] == 3
+    cut = [g for g in got if g[1] == "UNAVAILABLE" and "shutting down" not in g[2]]  # not refused on arrival
+    assert 1 <= stopped["calls_cut"] == len(cut) <= in_flight, (stopped, got)
+    assert all(status in ("OK", "UNAVAILABLE") for _, status, _ in got), got
+    # Each call's log line records the status its client got (not CANCELLED for a call the server cut).
+    logged = [json.loads(line) for line in process.log if '"event": "request"' in line]
+    assert sorted((r["method"], r["status"]) for r in logged) == sorted((m, s) for m, s, _ in got)
+    assert sum(r.get("error") == "server stopped before the call finished" for r in logged) == len(cut)
