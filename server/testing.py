@@ -1,6 +1,8 @@
-"""A real seqserve server inside the calling process, for tests (ours, and those of services that
-call seqserve): `create_server` runs on an event loop of its own thread, so blocking test code can
-call it over loopback and still look at its scheduler."""
+"""Test harnesses (ours, and those of services that call seqserve): `InProcessServer`, a real
+seqserve server inside the calling process (`create_server` runs on an event loop of its own
+thread, so blocking test code can call it over loopback and still look at its scheduler); and
+`ScriptedEngine`, a fake model with scripted logits that the decode loop can drive without ONNX
+Runtime."""
 
 from __future__ import annotations
 
@@ -11,11 +13,59 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+
+from seqserve.model.config import ModelConfig
 from seqserve.server.config import ServerConfig
 from seqserve.server.main import SeqServeServer, create_server
 from seqserve.server.scheduler import Scheduler
 
 T = TypeVar("T")
+
+SCRIPTED_CONFIG = ModelConfig(vocab_size=256, d_model=8, encoder_layers=1, decoder_layers=1, n_heads=2, d_ff=8,
+                              max_source_len=16, max_target_len=200)
+
+
+class ScriptedEngine:
+    """A fake model for the decode loop: a source whose first token is k makes its row emit
+    k, k+1, ... for k steps, then EOS (id 2; k = 2 would start with EOS itself).
+
+    The script is read from the cross-attention cache and the row's position, so a row only gets
+    its own tokens if the batch keeps caches, positions and rows lined up through every merge,
+    filter and trim. `steps` lists the rows of every decoder step run.
+    """
+
+    config = SCRIPTED_CONFIG
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    @staticmethod
+    def expected(k: int) -> list[int]:
+        """The tokens a source starting with k gets."""
+        return list(range(k, 2 * k))
+
+    def encode(self, source_ids: np.ndarray, source_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        b, s = source_ids.shape
+        key = np.zeros((1, b, 2, s, 4), np.float32)  # (L, B, H, S, Dh)
+        key[0, :, 0, :, 0] = source_ids
+        return key, key.copy()
+
+    def decode(self, tokens: np.ndarray, positions: np.ndarray, past_key: np.ndarray, past_value: np.ndarray,
+               self_mask: np.ndarray, cross_key: np.ndarray, cross_value: np.ndarray,
+               source_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        b = tokens.shape[0]
+        if self_mask.shape != (b, past_key.shape[3] + 1) or not (self_mask.sum(axis=1) == positions[:, 0] + 1).all():
+            raise AssertionError("cache mask out of step with positions")
+        self.steps.append(b)
+        first = cross_key[0, :, 0, 0, 0].astype(int)
+        logits = np.zeros((b, 1, self.config.vocab_size), np.float32)  # (B, 1, V)
+        for row in range(b):
+            pos = int(positions[row, 0])
+            logits[row, 0, first[row] + pos if pos < first[row] else self.config.eos_id] = 10.0
+        present = np.concatenate([past_key, np.zeros((1, b, 2, 1, 4), np.float32)], axis=3)  # (L, B, H, P+1, Dh)
+        alignment = np.zeros((b, 1, cross_key.shape[3]), np.float32)  # (B, 1, S)
+        return logits, present, present.copy(), alignment
 
 
 def loopback_config(model_dir: str | Path, **overrides: Any) -> ServerConfig:

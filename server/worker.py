@@ -1,5 +1,6 @@
-"""The decoding loop in a process of its own: `ProcessScheduler` runs a `Scheduler` in a child
-process and offers the server the same calls (submit, cancel through the handle, close, stop).
+"""The decoding loop in a process of its own: `ProcessScheduler` runs a `DecodeLoop` in a child
+process and offers the server the same calls as `Scheduler` (submit, cancel through the handle,
+close, stop).
 
 Why a process: in one process the decoding worker thread and the gRPC event loop (grpc.aio's
 per-message and per-call work, tokenizing, text pieces) take turns on one GIL, and under load
@@ -45,8 +46,9 @@ from typing import Any
 from seqserve.export.model_dir import ModelDir, open_model_dir
 from seqserve.model.errors import SeqserveError
 from seqserve.server import errors
+from seqserve.server.decode_loop import check_request
 from seqserve.server.generation import GenerationParams, RequestResult, TokenEvent
-from seqserve.server.scheduler import RequestHandle, SchedulerObserver, TokenCallback, check_request
+from seqserve.server.scheduler import RequestHandle, SchedulerObserver, TokenCallback, observe
 
 log = logging.getLogger(__name__)
 
@@ -342,13 +344,13 @@ class _Outbox:
 def run_worker(conn: Connection, options: WorkerOptions) -> int:
     """The worker process: load the engine, then decode and serve commands until told to stop or orphaned.
 
-    One thread does everything: between two step boundaries it takes every command that has
-    arrived (without waiting), and it waits for the next command only when nothing is left to
+    One thread drives the `DecodeLoop`: between two step boundaries it takes every command that
+    has arrived (without waiting), and it waits for the next command only when nothing is left to
     decode. A second thread reading commands would take the GIL from the decoding loop at every
     request, the contention this process exists to avoid.
     """
+    from seqserve.server.decode_loop import DecodeLoop, LoopRequest
     from seqserve.server.engine import OnnxSeq2Seq
-    from seqserve.server.scheduler import Scheduler
 
     try:
         # The server process has checked the files' sha256 already; hashing them again would only
@@ -367,42 +369,31 @@ def run_worker(conn: Connection, options: WorkerOptions) -> int:
 
         engine.decode = slow_decode  # type: ignore[method-assign]
     outbox = _Outbox(conn)
-    scheduler = Scheduler(engine, max_batch_size=options.max_batch_size, max_queue=options.max_queue,
-                          observer=outbox)
+    loop = DecodeLoop(engine, max_batch_size=options.max_batch_size, clock=time.monotonic)
     conn.send(("ready", {"providers": list(engine.providers), "kv_cache_on_device": engine.device_cache is not None}))
-    handles: dict[int, RequestHandle] = {}
-
-    def finished(request_id: int) -> Callable[[Future[RequestResult]], None]:
-        def done(future: Future[RequestResult]) -> None:
-            handles.pop(request_id, None)
-            error = future.exception()
-            outbox.put(("error", request_id, error) if error is not None else ("done", request_id, future.result()))
-        return done
-
-    def streamer(request_id: int) -> TokenCallback:
-        def on_token(e: TokenEvent) -> None:
-            outbox.put(("token", request_id, e.sequence, e.index, e.token_id, e.log_prob, e.alignment))
-        return on_token
+    closed = False
 
     def command(message: tuple[Any, ...]) -> bool:
         """Carry out one command; False for stop."""
+        nonlocal closed
         kind = message[0]
         if kind == "submit":
             _, request_id, source_ids, params, deadline, submitted, stream = message
-            try:
-                handle = scheduler.submit(source_ids, params, deadline=deadline, submitted=submitted,
-                                          on_token=streamer(request_id) if stream else None)
-            except errors.ServingError as exc:
-                outbox.put(("error", request_id, exc))
+            if closed:
+                outbox.put(("error", request_id, errors.Unavailable("server is shutting down")))
+                return True
+            if loop.queued >= options.max_queue:
+                loop.purge()  # cancelled or expired requests hold no place
+            if loop.queued >= options.max_queue:
+                outbox.put(("error", request_id,
+                            errors.Overloaded(f"wait queue is full ({options.max_queue} requests); retry later")))
             else:
-                handles[request_id] = handle
-                handle.future.add_done_callback(finished(request_id))
+                loop.add([LoopRequest(request_id, source_ids, params, deadline, stream, submitted)])
+                outbox.put(("depth", loop.queued))
         elif kind == "cancel":
-            handle = handles.get(message[1])
-            if handle is not None:
-                handle.cancel()
+            loop.cancel([message[1]])
         elif kind == "close":
-            scheduler.close()
+            closed = True
         elif kind == "stop":
             return False
         return True
@@ -411,19 +402,27 @@ def run_worker(conn: Connection, options: WorkerOptions) -> int:
     running = True
     while running and not outbox.broken:
         try:
-            wait: float | None = 0.0 if scheduler.has_work else None  # block only when idle
+            wait: float | None = 0.0 if loop.has_work else None  # block only when idle
             while running and conn.poll(wait):
                 running = command(conn.recv())
                 wait = 0.0
         except (EOFError, OSError):  # the server process is gone: nobody wants the results
             break
-        if running and scheduler.has_work:
-            scheduler.step_boundary()
-        if scheduler.active_rows != rows_sent:
-            rows_sent = scheduler.active_rows
+        if running and loop.has_work:
+            events = loop.step()
+            observe(outbox, events, loop.queued)
+            for request_id, e in events.tokens:
+                outbox.put(("token", request_id, e.sequence, e.index, e.token_id, e.log_prob, e.alignment))
+            for request_id, result in events.finished:
+                outbox.put(("done", request_id, result))
+            for request_id, error in events.failed:
+                outbox.put(("error", request_id, error))
+        if loop.active_rows != rows_sent:
+            rows_sent = loop.active_rows
             outbox.put(("rows", rows_sent))
         outbox.flush()
-    scheduler.stop()
+    for request_id in loop.fail_all():
+        outbox.put(("error", request_id, errors.Unavailable("server stopped before the request finished")))
     outbox.flush()
     conn.close()
     return 0

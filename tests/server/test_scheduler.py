@@ -1,6 +1,8 @@
-"""The continuous-batching scheduler, driven in-process: with a fake engine that returns scripted
-logits (bookkeeping: admission, filtering, cancellation, deadlines, limits), and with the real
-ONNX Runtime engine (results independent of batch company, beam search, sampling)."""
+"""The scheduler: the decode loop on a thread of its own, driven through handles and futures from
+other threads (admission from any thread, cancellation, the queue's limit, stop, token callbacks),
+with a scripted engine stepped through a gate the test opens, and with the real ONNX Runtime
+engine (results independent of batch company, beam search, sampling). The loop's own bookkeeping
+is tested step by step in test_decode_loop.py."""
 
 from __future__ import annotations
 
@@ -12,15 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from seqserve.model.config import ModelConfig
 from seqserve.server import errors
 from seqserve.server.engine import OnnxSeq2Seq, greedy_generate
 from seqserve.server.generation import FinishReason, GenerationParams, Strategy
 from seqserve.server.scheduler import Scheduler
-
-EOS = 2
-CFG = ModelConfig(vocab_size=256, d_model=8, encoder_layers=1, decoder_layers=1, n_heads=2, d_ff=8,
-                  max_source_len=16, max_target_len=200)
+from seqserve.server.testing import ScriptedEngine
 
 
 class Gate:
@@ -51,50 +49,27 @@ class Gate:
             self._cond.notify_all()
 
 
-class FakeEngine:
-    """Scripted model: the source's first token k makes the row emit k, k+1, ... for k steps, then EOS
-    (k = 2 would start with EOS itself, so tests avoid it).
-
-    The script is read from the cross-attention cache and the row's position, so a row only gets
-    its own tokens if the batch keeps caches, positions and rows lined up through every merge,
-    filter and trim.
-    """
-
-    config = CFG
+class FakeEngine(ScriptedEngine):
+    """The scripted engine, optionally slowed down or held at a gate before every decoder step."""
 
     def __init__(self, step_delay: float = 0.0, gate: Gate | None = None) -> None:
+        super().__init__()
         self.step_delay = step_delay
         self.gate = gate
-        self.batch_sizes: list[int] = []
 
-    def encode(self, source_ids: np.ndarray, source_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        b, s = source_ids.shape
-        key = np.zeros((1, b, 2, s, 4), np.float32)
-        key[0, :, 0, :, 0] = source_ids
-        return key, key.copy()
+    @property
+    def batch_sizes(self) -> list[int]:
+        return self.steps
 
-    def decode(self, tokens, positions, past_key, past_value, self_mask, cross_key, cross_value, source_mask):  # noqa: ANN001
+    def decode(self, *args: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if self.step_delay:
             time.sleep(self.step_delay)
         if self.gate is not None:
             self.gate.enter()
-        b = tokens.shape[0]
-        self.batch_sizes.append(b)
-        assert self_mask.shape == (b, past_key.shape[3] + 1)
-        assert (self_mask.sum(axis=1) == positions[:, 0] + 1).all(), "cache mask out of step with positions"
-        first = cross_key[0, :, 0, 0, 0].astype(int)
-        logits = np.zeros((b, 1, CFG.vocab_size), np.float32)
-        for row in range(b):
-            pos = int(positions[row, 0])
-            logits[row, 0, first[row] + pos if pos < first[row] else EOS] = 10.0
-        new = np.zeros((1, b, 2, 1, 4), np.float32)
-        present = np.concatenate([past_key, new], axis=3)
-        alignment = np.zeros((b, 1, cross_key.shape[3]), np.float32)
-        return logits, present, present.copy(), alignment
+        return super().decode(*args)
 
 
-def expected(k: int) -> list[int]:
-    return list(range(k, 2 * k))
+expected = ScriptedEngine.expected
 
 
 def greedy(max_new: int = 100, **kw) -> GenerationParams:  # noqa: ANN003
@@ -143,19 +118,6 @@ def test_short_request_is_not_held_behind_long_ones() -> None:
         assert long.future.result(timeout=10).sequences[0].token_ids == expected(40)
     finally:
         gate.open()
-        sched.stop()
-
-
-def test_length_stop_and_min_new_tokens(fake: FakeEngine) -> None:
-    sched = run(Scheduler(fake))
-    try:
-        cut = sched.submit([10], greedy(max_new=4)).future.result(timeout=5).sequences[0]
-        assert cut.token_ids == [10, 11, 12, 13] and cut.finish_reason is FinishReason.LENGTH
-        stop = sched.submit([10], greedy(stop_token_ids=(12,))).future.result(timeout=5).sequences[0]
-        assert stop.token_ids == [10, 11, 12] and stop.finish_reason is FinishReason.STOP
-        forced = sched.submit([3], greedy(max_new=6, min_new_tokens=6)).future.result(timeout=5).sequences[0]
-        assert len(forced.token_ids) == 6 and forced.token_ids[:3] == [3, 4, 5] and EOS not in forced.token_ids
-    finally:
         sched.stop()
 
 
@@ -360,114 +322,5 @@ def test_a_failing_token_callback_fails_only_its_own_request() -> None:
         with pytest.raises(errors.ServingError, match="callback"):
             bad.future.result(timeout=5)
         assert good.future.result(timeout=5).sequences[0].token_ids == expected(7)
-    finally:
-        sched.stop()
-
-
-# -- one request's failure is its own ------------------------------------------------------------
-
-POISON = 77  # a source starting with this token makes the fake engine's decoder step fail
-
-
-class PoisonedEngine(FakeEngine):
-    """The fake model, whose decoder step raises (as ONNX Runtime would) whenever the batch holds a
-    row of a poisoned source: the failure is bound to one request's rows, not to the batch."""
-
-    def decode(self, tokens, positions, past_key, past_value, self_mask, cross_key, cross_value, source_mask):  # noqa: ANN001
-        if (cross_key[0, :, 0, 0, 0] == POISON).any():
-            self.batch_sizes.append(-tokens.shape[0])
-            raise RuntimeError("injected ONNX Runtime failure")
-        return super().decode(tokens, positions, past_key, past_value, self_mask, cross_key, cross_value, source_mask)
-
-
-def test_a_failing_decoder_step_fails_only_the_request_that_causes_it() -> None:
-    engine = PoisonedEngine()
-    sched = Scheduler(engine, max_batch_size=16)  # not started: every request joins the first batch
-    ks = [5, 9, 3, 12, 7, 4, 15, 6, 11, 8]
-    handles = [sched.submit([k, 1], greedy()) for k in ks[:5]]
-    poisoned = sched.submit([POISON, 1], greedy())
-    handles += [sched.submit([k], greedy()) for k in ks[5:]]
-    beams = sched.submit([10], GenerationParams(100, strategy=Strategy.BEAM, num_beams=3))
-    run(sched)
-    try:
-        with pytest.raises(errors.ServingError, match="this request alone") as info:
-            poisoned.future.result(timeout=10)
-        assert type(info.value) is errors.ServingError  # INTERNAL, and no exception type in its text
-        assert "RuntimeError" not in str(info.value)
-        # Everyone else gets exactly what they would have got alone.
-        for k, h in zip(ks, handles):
-            assert h.future.result(timeout=10).sequences[0].token_ids == expected(k)
-        assert beams.future.result(timeout=10).sequences[0].token_ids == expected(10)
-        assert sched.wait_idle(5) and sched.active_rows == 0
-        assert engine.batch_sizes[0] == -14  # the first step failed with all 14 rows in the batch
-    finally:
-        sched.stop()
-
-
-def test_a_step_that_fails_for_every_request_fails_them_all_and_the_server_goes_on() -> None:
-    engine = PoisonedEngine()
-    sched = Scheduler(engine, max_batch_size=4)
-    poisoned = [sched.submit([POISON, k], greedy()) for k in (1, 2)]
-    run(sched)
-    try:
-        for h in poisoned:
-            with pytest.raises(errors.ServingError, match="decoding failed"):
-                h.future.result(timeout=10)
-        assert sched.submit([6], greedy()).future.result(timeout=10).sequences[0].token_ids == expected(6)
-    finally:
-        sched.stop()
-
-
-EXTREMES = [
-    GenerationParams(30, strategy=Strategy.BEAM, num_beams=2, length_penalty=400.0),
-    GenerationParams(30, strategy=Strategy.BEAM, num_beams=2, length_penalty=-1100.0),
-    GenerationParams(30, strategy=Strategy.BEAM, num_beams=3, length_penalty=1e308, num_return_sequences=3,
-                     return_log_probs=True),
-    GenerationParams(30, strategy=Strategy.BEAM, num_beams=2, length_penalty=-1e308, min_new_tokens=30),
-    GenerationParams(30, strategy=Strategy.SAMPLE, temperature=5e-324, seed=1),
-    GenerationParams(30, strategy=Strategy.SAMPLE, temperature=1e308, top_k=1, seed=2),
-    GenerationParams(30, strategy=Strategy.SAMPLE, temperature=1e-30, top_p=5e-324, seed=3, num_return_sequences=4),
-    GenerationParams(30, strategy=Strategy.SAMPLE, temperature=1e30, top_k=CFG.vocab_size, top_p=1.0, seed=2**63),
-    GenerationParams(1, min_new_tokens=1, return_log_probs=True, return_alignments=True),
-]
-
-
-def test_options_at_their_extremes_never_fail_a_step() -> None:
-    sched = Scheduler(FakeEngine(), max_batch_size=32)  # every request in the same first batch
-    neighbours = [sched.submit([k], greedy()) for k in (4, 9, 13)]
-    extreme = [sched.submit([8], params) for params in EXTREMES]
-    run(sched)
-    try:
-        for h in extreme:
-            result = h.future.result(timeout=10)
-            assert all(len(s.token_ids) <= 30 for s in result.sequences)
-        for k, h in zip((4, 9, 13), neighbours):
-            assert h.future.result(timeout=10).sequences[0].token_ids == expected(k)
-    finally:
-        sched.stop()
-
-
-def test_a_request_whose_token_choice_fails_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    from seqserve.server import scheduler as scheduler_module
-
-    real_sample = scheduler_module.sample
-
-    def sample(logits, rng, *, temperature, top_k, top_p):  # noqa: ANN001, ANN202
-        if temperature == 0.5:  # this request's own arithmetic goes wrong
-            raise OverflowError("injected")
-        return real_sample(logits, rng, temperature=temperature, top_k=top_k, top_p=top_p)
-
-    monkeypatch.setattr(scheduler_module, "sample", sample)
-    sched = Scheduler(FakeEngine(), max_batch_size=8)
-    bad = sched.submit([5], GenerationParams(50, strategy=Strategy.SAMPLE, temperature=0.5, seed=1))
-    good = [sched.submit([k], greedy()) for k in (3, 7)]
-    cold = sched.submit([6], GenerationParams(50, strategy=Strategy.SAMPLE, temperature=0.0, seed=1))
-    run(sched)
-    try:
-        with pytest.raises(errors.ServingError, match="rest of its batch went on") as info:
-            bad.future.result(timeout=10)
-        assert "OverflowError" not in str(info.value)
-        assert [h.future.result(timeout=10).sequences[0].token_ids for h in good] == [expected(3), expected(7)]
-        assert cold.future.result(timeout=10).sequences[0].token_ids == expected(6)
     finally:
         sched.stop()
