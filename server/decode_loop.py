@@ -38,6 +38,9 @@ from seqserve.server.strategies import BeamSearch, log_softmax, sample
 
 log = logging.getLogger(__name__)
 
+COMPLETION_WINDOW = 64  # requests: the recent completion rate is measured over this many
+STEP_AVERAGE = 0.1  # weight of the newest step in the moving average of step time
+
 
 def check_request(config: ModelConfig, max_batch_size: int, source_ids: list[int], params: GenerationParams) -> None:
     """What the decoding loop itself cannot take (InvalidRequest).
@@ -138,6 +141,9 @@ class DecodeLoop:
         self._row_count = 0
         self._min_new = np.zeros(0, dtype=np.int64)
         self._events = StepEvents()  # what the next step() returns, gathered since the last one
+        # Recent completions (clock values), for the admission estimate: how fast places free up.
+        self._completions: deque[float] = deque(maxlen=COMPLETION_WINDOW)
+        self.step_seconds = 0.0  # moving average of a decoder step's time (boundary included)
 
     # -- the caller's side ---------------------------------------------------------------------
 
@@ -183,6 +189,21 @@ class DecodeLoop:
     def active_rows(self) -> int:
         return self._row_count
 
+    def estimate_wait(self, ahead: int, rows: int = 1) -> float:
+        """Seconds until a request needing `rows` rows, queued behind `ahead` others, is likely
+        admitted: 0 when it would fit at the next boundary, else the requests that must finish
+        first over the recent completion rate (0 while there is no rate yet: no estimate, no
+        refusal). The driver's deadline-aware admission uses it; it reads only this loop's state."""
+        if ahead == 0 and self.max_batch_size - self._row_count >= rows:
+            return 0.0
+        if len(self._completions) < 2:
+            return 0.0
+        span = self._completions[-1] - self._completions[0]
+        if span <= 0:
+            return 0.0
+        rate = (len(self._completions) - 1) / span  # requests finished per second, recently
+        return (ahead + 1) / rate
+
     @property
     def has_work(self) -> bool:
         """Requests are queued or decoding, or events wait to be collected."""
@@ -200,8 +221,11 @@ class DecodeLoop:
             if self._active:
                 events.rows = self._row_count
                 events.run_seconds = self._step(events)
-                self._drop_finished(self.clock(), events)
-                events.step_seconds = self.clock() - start - events.encoder_seconds
+                end = self.clock()
+                self._drop_finished(end, events)
+                events.step_seconds = end - start - events.encoder_seconds
+                self.step_seconds += STEP_AVERAGE * (events.step_seconds - self.step_seconds)
+                self._completions.extend([end] * len(events.finished))
         except Exception:  # a bug outside any one request's work: fail the batch, keep serving
             log.exception("decoding step failed")
             for state in self._active:

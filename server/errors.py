@@ -29,9 +29,17 @@ class InvalidRequest(ServingError):
 
 
 class Overloaded(ServingError):
-    """The wait queue is full: retry later or elsewhere."""
+    """The wait queue is full, or too long to finish before the request's deadline: retry later
+    or elsewhere. `retry_after_s`, when known, is the expected wait until a place is free."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[type, tuple[str, float | None]]:  # pickled across the worker process's pipe
+        return type(self), (str(self), self.retry_after_s)
 
 
 class DeadlineExceeded(ServingError):

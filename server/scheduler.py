@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 TokenCallback = Callable[[TokenEvent], None]
 
-__all__ = ["RequestHandle", "RequestScheduler", "Scheduler", "SchedulerObserver", "TokenCallback", "observe"]
+__all__ = ["RequestHandle", "RequestScheduler", "Scheduler", "SchedulerObserver", "TokenCallback", "admit_deadline",
+           "observe"]
 
 
 class SchedulerObserver(Protocol):
@@ -52,6 +53,17 @@ def observe(observer: SchedulerObserver | None, events: StepEvents, queue_depth:
     if events.rows:
         observer.on_step(events.rows, events.step_seconds, events.run_seconds)
     observer.on_queue_depth(queue_depth)
+
+
+def admit_deadline(loop: DecodeLoop, ahead: int, params: GenerationParams, deadline: float, now: float) -> None:
+    """Deadline-aware admission: Overloaded (with the expected wait as a retry hint) when the queue
+    ahead is likely to outlast the request's deadline, instead of queueing work that would be
+    thrown away. Only the queue's wait and one decoder step count, not the request's own length:
+    a request refused here is one that the load, not its own size, keeps from finishing in time."""
+    wait = loop.estimate_wait(ahead, params.rows)
+    if wait > 0 and now + wait + loop.step_seconds > deadline:
+        raise errors.Overloaded(f"the queue ahead (about {wait * 1e3:.0f} ms) is longer than the request's "
+                                f"deadline allows; retry later or elsewhere", wait)
 
 
 class RequestScheduler(Protocol):
@@ -153,7 +165,10 @@ class Scheduler:
             if self.queue_depth >= self.max_queue:
                 self._purge_inbox(time.monotonic())  # cancelled or expired requests hold no place
             if self.queue_depth >= self.max_queue:
-                raise errors.Overloaded(f"wait queue is full ({self.max_queue} requests); retry later")
+                raise errors.Overloaded(f"wait queue is full ({self.max_queue} requests); retry later",
+                                        self.loop.estimate_wait(self.queue_depth, params.rows))
+            if deadline is not None:
+                admit_deadline(self.loop, self.queue_depth, params, deadline, time.monotonic())
             entry = _Submitted(request, handle, on_token)
             self._inbox.append(entry)
             self._live[request_id] = entry

@@ -48,7 +48,7 @@ from seqserve.model.errors import SeqserveError
 from seqserve.server import errors
 from seqserve.server.decode_loop import check_request
 from seqserve.server.generation import GenerationParams, RequestResult, TokenEvent
-from seqserve.server.scheduler import RequestHandle, SchedulerObserver, TokenCallback, observe
+from seqserve.server.scheduler import RequestHandle, SchedulerObserver, TokenCallback, admit_deadline, observe
 
 log = logging.getLogger(__name__)
 
@@ -384,9 +384,14 @@ def run_worker(conn: Connection, options: WorkerOptions) -> int:
                 return True
             if loop.queued >= options.max_queue:
                 loop.purge()  # cancelled or expired requests hold no place
-            if loop.queued >= options.max_queue:
-                outbox.put(("error", request_id,
-                            errors.Overloaded(f"wait queue is full ({options.max_queue} requests); retry later")))
+            try:
+                if loop.queued >= options.max_queue:
+                    raise errors.Overloaded(f"wait queue is full ({options.max_queue} requests); retry later",
+                                            loop.estimate_wait(loop.queued, params.rows))
+                if deadline is not None:
+                    admit_deadline(loop, loop.queued, params, deadline, time.monotonic())
+            except errors.Overloaded as exc:
+                outbox.put(("error", request_id, exc))
             else:
                 loop.add([LoopRequest(request_id, source_ids, params, deadline, stream, submitted)])
                 outbox.put(("depth", loop.queued))

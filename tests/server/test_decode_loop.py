@@ -266,3 +266,28 @@ def test_a_request_whose_token_choice_fails_fails_alone(monkeypatch: pytest.Monk
     assert failed_id == 1 and "rest of its batch went on" in str(error) and "OverflowError" not in str(error)
     done = results(events)
     assert [done[k].sequences[0].token_ids for k in (3, 7, 6)] == [expected(3), expected(7), expected(6)]
+
+
+# -- deadline-aware admission ------------------------------------------------------------------------
+
+
+def test_the_wait_estimate_follows_the_recent_completion_rate() -> None:
+    from seqserve.server.scheduler import admit_deadline
+
+    loop, _, clock = make(max_batch_size=1)
+    assert loop.estimate_wait(ahead=5) == 0.0  # no completions yet: no estimate, nobody refused
+    loop.add([LoopRequest(i, [3], greedy()) for i in range(6)])  # 4 steps each, one at a time
+    while loop.has_work:
+        clock.now += 0.01
+        loop.step()
+    # One request finished every 4 steps of 10 ms: 25 per second.
+    assert loop.estimate_wait(ahead=0) == 0.0  # a free row: admitted at the next boundary
+    loop.add([LoopRequest(10, [50], greedy())])
+    loop.step()  # the only row is taken
+    assert loop.estimate_wait(ahead=2) == pytest.approx(3 / 25)
+
+    late = GenerationParams(10)
+    with pytest.raises(errors.Overloaded, match="deadline") as info:
+        admit_deadline(loop, 2, late, deadline=clock.now + 0.05, now=clock.now)
+    assert info.value.retry_after_s == pytest.approx(3 / 25)
+    admit_deadline(loop, 2, late, deadline=clock.now + 1.0, now=clock.now)  # time enough: admitted
