@@ -24,9 +24,6 @@ class InvalidRequest(ServingError):
         self.field = field
         self.reason = message
 
-    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # pickled across the worker process's pipe
-        return type(self), (self.field, self.reason)
-
 
 class Overloaded(ServingError):
     """The wait queue is full, or too long to finish before the request's deadline: retry later
@@ -37,9 +34,6 @@ class Overloaded(ServingError):
     def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
-
-    def __reduce__(self) -> tuple[type, tuple[str, float | None]]:  # pickled across the worker process's pipe
-        return type(self), (str(self), self.retry_after_s)
 
 
 class DeadlineExceeded(ServingError):

@@ -8,14 +8,10 @@ each makes the other wait: a decoder step's Python took about 10x longer inside 
 in a process of its own (README, served benchmark). The child has its own interpreter and GIL;
 the server process keeps gRPC, the tokenizer and the text.
 
-The two talk over one pipe (`multiprocessing.connection`, pickled tuples):
-- server -> worker: ("submit", id, source_ids, params, deadline, submitted, stream), ("cancel", id),
-  ("close",), ("stop",).
-- worker -> server: one list of events per step boundary (and per command that produced any):
-  ("token", id, sequence, index, token_id, log_prob, alignment), ("done", id, RequestResult),
-  ("error", id, ServingError), ("rows", rows in the batch) when it changed, and the observer's
-  ("encode", ...), ("step", ...), ("depth", ...).
-  The first message is ("ready", {providers, kv_cache_on_device}) or ("failed", reason).
+The two talk over one socket (`multiprocessing.connection` frames) in the typed messages of
+`server/messages.py`: a command per frame one way; `Ready` (or `Failed`) and then one `Report` per
+step boundary the other way, with every token of the step, finished results, failures and the
+step's figures. Both sides check the protocol version at start.
 
 The worker ignores SIGINT and SIGTERM: the server process decides when it stops (after draining),
 and a Ctrl-C that reaches the whole process group must not cut decoding short. It exits when the
@@ -45,10 +41,10 @@ from typing import Any
 
 from seqserve.export.model_dir import ModelDir, open_model_dir
 from seqserve.model.errors import SeqserveError
-from seqserve.server import errors
-from seqserve.server.decode_loop import check_request
-from seqserve.server.generation import GenerationParams, RequestResult, TokenEvent
-from seqserve.server.scheduler import RequestHandle, SchedulerObserver, TokenCallback, admit_deadline, observe
+from seqserve.server import errors, messages
+from seqserve.server.decode_loop import StepEvents, check_request
+from seqserve.server.generation import GenerationParams, RequestResult
+from seqserve.server.scheduler import RequestHandle, SchedulerObserver, TokenCallback, admit_deadline
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +124,7 @@ class ProcessScheduler:
             self._conn = conn
         self.loop.add_reader(conn.fileno(), self._on_readable, conn)
         if self._closed:
-            self._send(("close",))
+            self._send(messages.Close())
 
     def _spawn(self) -> tuple[Connection, subprocess.Popen[bytes]]:
         parent_sock, child_sock = socket.socketpair()
@@ -143,26 +139,44 @@ class ProcessScheduler:
             if not conn.poll(START_TIMEOUT_S):
                 process.kill()
                 raise SeqserveError(f"decoding worker did not start within {START_TIMEOUT_S:.0f} s")
-            kind, detail = conn.recv()
+            hello = messages.decode_report(conn.recv_bytes())
         except (EOFError, OSError):
-            kind, detail = "failed", f"decoding worker exited during start (exit code {process.wait()})"
+            hello = messages.Failed(messages.PROTOCOL_VERSION,
+                                    f"decoding worker exited during start (exit code {process.wait()})")
         except SeqserveError:
             process.wait()
             conn.close()
             raise
-        if kind != "ready":
-            process.wait(STOP_TIMEOUT_S)
+        except ValueError as exc:  # msgspec's DecodeError: not a worker of this protocol at all
+            hello = messages.Failed(-1, f"decoding worker sent an unreadable first message: {exc}")
+        problem = None
+        if hello.version != messages.PROTOCOL_VERSION:
+            problem = (f"decoding worker speaks protocol version {hello.version}, this server "
+                       f"{messages.PROTOCOL_VERSION}: install one version of seqserve for both")
+        elif isinstance(hello, messages.Failed):
+            problem = hello.reason
+        elif not isinstance(hello, messages.Ready):
+            problem = "decoding worker did not say it was ready"
+        if problem is not None:
+            with contextlib.suppress(OSError):
+                conn.send_bytes(messages.encode(messages.Stop()))
+            try:
+                process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
             conn.close()
-            raise SeqserveError(str(detail))
-        self.providers = list(detail["providers"])
-        self.kv_cache_on_device = bool(detail["kv_cache_on_device"])
+            raise SeqserveError(problem)
+        assert isinstance(hello, messages.Ready)
+        self.providers = list(hello.providers)
+        self.kv_cache_on_device = hello.kv_cache_on_device
         log.info("decoding worker %d ready on %s", process.pid, ", ".join(self.providers))
         return conn, process
 
     def close(self) -> None:
         """Refuse new requests; queued and running ones still finish."""
         self._closed = True
-        self._send(("close",))
+        self._send(messages.Close())
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """True once the worker holds no request."""
@@ -172,7 +186,7 @@ class ProcessScheduler:
         """Stop the worker (blocking: call it off the event loop); requests it still holds end with
         Unavailable."""
         self._closed = self._stopping = True
-        self._send(("stop",))
+        self._send(messages.Stop())
         process = self._process
         if process is not None:
             try:
@@ -206,29 +220,32 @@ class ProcessScheduler:
         if self._closed:
             raise errors.Unavailable("server is shutting down")
         request_id = next(self._ids)
-        handle = RequestHandle(lambda: self._send(("cancel", request_id)))
+        handle = RequestHandle(lambda: self._send(messages.Cancel(request_id)))
         with self._lock:
             if self._conn is None:
                 raise errors.Unavailable("decoding worker is restarting; retry")
             self._pending[request_id] = _Pending(handle, on_token)
             self._idle.clear()
-            self._conn.send(("submit", request_id, list(source_ids), params, deadline, time.monotonic(),
-                             on_token is not None))
+            self._conn.send_bytes(messages.encode(messages.Submit(
+                request_id, list(source_ids), params, deadline, time.monotonic(), on_token is not None)))
         return handle
 
-    def _send(self, message: tuple[Any, ...]) -> None:
+    def _send(self, message: messages.Command) -> None:
+        frame = messages.encode(message)
         with self._lock:
             if self._conn is None:
                 return
             with contextlib.suppress(OSError):  # the worker is gone; the reader fails its requests
-                self._conn.send(message)
+                self._conn.send_bytes(frame)
 
     # -- events, on the event loop ----------------------------------------------------------------
 
     def _on_readable(self, conn: Connection) -> None:
         try:
             while conn.poll():
-                self._dispatch(conn.recv())
+                report = messages.decode_report(conn.recv_bytes())
+                if isinstance(report, messages.Report):
+                    self._dispatch(report)
         except (EOFError, OSError):
             self._worker_exited(conn)
 
@@ -259,34 +276,29 @@ class ProcessScheduler:
         self.restarts += 1
         self.loop.call_soon_threadsafe(self._attach, conn)
 
-    def _dispatch(self, events: list[tuple[Any, ...]]) -> None:
+    def _dispatch(self, report: messages.Report) -> None:
         pending = self._pending
-        for event in events:
-            kind = event[0]
-            if kind == "token":
-                _, request_id, sequence, index, token, log_prob, alignment = event
-                entry = pending.get(request_id)
-                if entry is not None and entry.on_token is not None:
-                    entry.on_token(TokenEvent(sequence, index, token, log_prob, alignment))
-            elif kind == "done" or kind == "error":
-                with self._lock:
-                    entry = pending.pop(event[1], None)
-                    if not pending:
-                        self._idle.set()
+        for request_id, event in report.tokens.events():
+            entry = pending.get(request_id)
+            if entry is not None and entry.on_token is not None:
+                entry.on_token(event)
+        if report.done or report.errors:
+            with self._lock:
+                ended = [(pending.pop(d.id, None), d.result) for d in report.done]
+                ended += [(pending.pop(e.id, None), e.error()) for e in report.errors]
+                if not pending:
+                    self._idle.set()
+            for entry, value in ended:
                 if entry is not None:
-                    _settle(entry.handle.future, event[2], failed=kind == "error")
-            elif kind == "rows":
-                self._active_rows = event[1]
-            elif kind == "step":
-                if self.observer:
-                    self.observer.on_step(*event[1:])
-            elif kind == "encode":
-                if self.observer:
-                    self.observer.on_encode(*event[1:])
-            elif kind == "depth":
-                self._queue_depth = event[1]
-                if self.observer:
-                    self.observer.on_queue_depth(event[1])
+                    _settle(entry.handle.future, value, failed=isinstance(value, BaseException))
+        self._active_rows = report.rows
+        self._queue_depth = report.depth
+        if self.observer:
+            if report.encoded:
+                self.observer.on_encode(report.encoded, report.encoder_seconds)
+            if report.step_rows:
+                self.observer.on_step(report.step_rows, report.step_seconds, report.run_seconds)
+            self.observer.on_queue_depth(report.depth)
 
     def _fail_all(self, error: errors.ServingError) -> None:
         with self._lock:
@@ -308,37 +320,37 @@ def _settle(future: Future[RequestResult], value: Any, *, failed: bool) -> None:
 # -- the worker's side ------------------------------------------------------------------------
 
 class _Outbox:
-    """Events of the worker, sent to the server process in one message per step boundary.
-
-    It is also the scheduler's observer, so step metrics reach the server's Prometheus registry.
-    """
+    """What the worker has to tell the server process, sent as one `Report` per step boundary."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.events: list[tuple[Any, ...]] = []
+        self.report = messages.Report()
         self.broken = False  # the server process is gone
 
-    def put(self, event: tuple[Any, ...]) -> None:
-        self.events.append(event)
+    def fail(self, request_id: int, error: errors.ServingError) -> None:
+        self.report.errors.append(messages.Error.of(request_id, error))
 
-    def flush(self) -> None:
-        """Send what has gathered since the last flush."""
-        if not self.events or self.broken:
+    def step(self, events: StepEvents) -> None:
+        """One step's events and figures."""
+        report = self.report
+        for request_id, event in events.tokens:
+            report.tokens.add(request_id, event)
+        report.done += [messages.Done(i, result) for i, result in events.finished]
+        report.errors += [messages.Error.of(i, error) for i, error in events.failed]
+        report.encoded, report.encoder_seconds = events.admitted, events.encoder_seconds
+        report.step_rows, report.step_seconds, report.run_seconds = events.rows, events.step_seconds, events.run_seconds
+
+    def flush(self, rows: int, depth: int, *, force: bool = False) -> None:
+        """Send what has gathered since the last flush (with the batch's rows and queue depth now)."""
+        report = self.report
+        if self.broken or not (force or not report.empty or rows != report.rows or depth != report.depth):
             return
-        events, self.events = self.events, []
+        report.rows, report.depth = rows, depth
+        self.report = messages.Report(rows=rows, depth=depth)
         try:
-            self.conn.send(events)
+            self.conn.send_bytes(messages.encode(report))
         except OSError:
             self.broken = True
-
-    def on_encode(self, requests: int, seconds: float) -> None:
-        self.put(("encode", requests, seconds))
-
-    def on_step(self, rows: int, seconds: float, run_seconds: float) -> None:
-        self.put(("step", rows, seconds, run_seconds))
-
-    def on_queue_depth(self, depth: int) -> None:
-        self.put(("depth", depth))
 
 
 def run_worker(conn: Connection, options: WorkerOptions) -> int:
@@ -358,7 +370,8 @@ def run_worker(conn: Connection, options: WorkerOptions) -> int:
         model_dir = open_model_dir(options.model_dir, check_hashes=False)
         engine = OnnxSeq2Seq(model_dir, **options.engine)
     except Exception as exc:
-        conn.send(("failed", f"decoding worker could not load the model: {exc}"))
+        conn.send_bytes(messages.encode(messages.Failed(messages.PROTOCOL_VERSION,
+                                                        f"decoding worker could not load the model: {exc}")))
         return 1
     if options.step_delay_s > 0:
         run_step = engine.decode
@@ -370,65 +383,54 @@ def run_worker(conn: Connection, options: WorkerOptions) -> int:
         engine.decode = slow_decode  # type: ignore[method-assign]
     outbox = _Outbox(conn)
     loop = DecodeLoop(engine, max_batch_size=options.max_batch_size, clock=time.monotonic)
-    conn.send(("ready", {"providers": list(engine.providers), "kv_cache_on_device": engine.device_cache is not None}))
+    conn.send_bytes(messages.encode(messages.Ready(messages.PROTOCOL_VERSION, list(engine.providers),
+                                                   engine.device_cache is not None)))
     closed = False
 
-    def command(message: tuple[Any, ...]) -> bool:
+    def command(message: messages.Command) -> bool:
         """Carry out one command; False for stop."""
         nonlocal closed
-        kind = message[0]
-        if kind == "submit":
-            _, request_id, source_ids, params, deadline, submitted, stream = message
+        if isinstance(message, messages.Submit):
+            params = message.params
             if closed:
-                outbox.put(("error", request_id, errors.Unavailable("server is shutting down")))
+                outbox.fail(message.id, errors.Unavailable("server is shutting down"))
                 return True
-            if loop.queued >= options.max_queue:
-                loop.purge()  # cancelled or expired requests hold no place
             try:
+                if loop.queued >= options.max_queue:
+                    loop.purge()  # cancelled or expired requests hold no place
                 if loop.queued >= options.max_queue:
                     raise errors.Overloaded(f"wait queue is full ({options.max_queue} requests); retry later",
                                             loop.estimate_wait(loop.queued, params.rows))
-                if deadline is not None:
-                    admit_deadline(loop, loop.queued, params, deadline, time.monotonic())
+                if message.deadline is not None:
+                    admit_deadline(loop, loop.queued, params, message.deadline, time.monotonic())
             except errors.Overloaded as exc:
-                outbox.put(("error", request_id, exc))
+                outbox.fail(message.id, exc)
             else:
-                loop.add([LoopRequest(request_id, source_ids, params, deadline, stream, submitted)])
-                outbox.put(("depth", loop.queued))
-        elif kind == "cancel":
-            loop.cancel([message[1]])
-        elif kind == "close":
+                loop.add([LoopRequest(message.id, message.source_ids, params, message.deadline, message.stream,
+                                      message.submitted)])
+        elif isinstance(message, messages.Cancel):
+            loop.cancel([message.id])
+        elif isinstance(message, messages.Close):
             closed = True
-        elif kind == "stop":
+        elif isinstance(message, messages.Stop):
             return False
         return True
 
-    rows_sent = 0
     running = True
     while running and not outbox.broken:
         try:
             wait: float | None = 0.0 if loop.has_work else None  # block only when idle
             while running and conn.poll(wait):
-                running = command(conn.recv())
+                running = command(messages.decode_command(conn.recv_bytes()))
                 wait = 0.0
         except (EOFError, OSError):  # the server process is gone: nobody wants the results
             break
         if running and loop.has_work:
-            events = loop.step()
-            observe(outbox, events, loop.queued)
-            for request_id, e in events.tokens:
-                outbox.put(("token", request_id, e.sequence, e.index, e.token_id, e.log_prob, e.alignment))
-            for request_id, result in events.finished:
-                outbox.put(("done", request_id, result))
-            for request_id, error in events.failed:
-                outbox.put(("error", request_id, error))
-        if loop.active_rows != rows_sent:
-            rows_sent = loop.active_rows
-            outbox.put(("rows", rows_sent))
-        outbox.flush()
+            outbox.step(loop.step())
+        outbox.flush(loop.active_rows, loop.queued)
     for request_id in loop.fail_all():
-        outbox.put(("error", request_id, errors.Unavailable("server stopped before the request finished")))
-    outbox.flush()
+        outbox.fail(request_id, errors.Unavailable("server stopped before the request finished"))
+    outbox.flush(0, 0, force=True)
     conn.close()
     return 0
 

@@ -183,16 +183,6 @@ def test_a_worker_that_cannot_load_the_model_is_a_startup_error(start_server: Ca
         start_server(worker_process="on")
 
 
-def test_errors_keep_their_field_across_the_pipe() -> None:
-    import pickle
-
-    from seqserve.server import errors
-
-    error = pickle.loads(pickle.dumps(errors.InvalidRequest("num_beams", "must be <= 8")))
-    assert isinstance(error, errors.InvalidRequest) and error.field == "num_beams"
-    assert str(error) == "num_beams: must be <= 8" and error.code == grpc.StatusCode.INVALID_ARGUMENT
-
-
 def test_the_worker_takes_the_engine_settings(start_server: Callable[..., Any], model_dir: Path,
                                               offline_engine: OnnxSeq2Seq) -> None:
     # The device-resident cache (forced on CPU) and spinning within a step only, in the worker.
