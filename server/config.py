@@ -38,7 +38,8 @@ class ServerConfig:
     model_dir: Path  # exported model directory (config.json, tokenizer.json, encoder.onnx, decoder.onnx)
     host: str = "[::]"  # interface to listen on ("[::]": all, IPv4 and IPv6; "127.0.0.1": this machine only)
     port: int = 50051  # gRPC port; 0 picks a free one (logged at start)
-    metrics_port: int = 0  # Prometheus /metrics HTTP port on the same host; 0 turns metrics serving off
+    metrics_port: int = 0  # Prometheus /metrics HTTP port; 0 turns metrics serving off
+    metrics_host: str = ""  # interface of the /metrics listener; "" = the gRPC host (e.g. "127.0.0.1": local only)
     device: str = "auto"  # auto (CUDA when ONNX Runtime offers it) | cpu | cuda (fails loudly without CUDA)
     intra_op_threads: int = 0  # ONNX Runtime threads inside one operator; 0 = one per core
     inter_op_threads: int = 1  # ONNX Runtime threads across operators
@@ -52,7 +53,12 @@ class ServerConfig:
     max_new_tokens_limit: int = 256  # largest max_new_tokens accepted (the model's max_target_len caps it too)
     max_beams: int = 0  # largest num_beams; 0 = min(8, max_batch_size) (a beam search takes num_beams rows)
     max_return_sequences: int = 0  # largest num_return_sequences for sampling; 0 = min(8, max_batch_size)
-    max_message_bytes: int = 1 << 20  # largest request message; beyond it RESOURCE_EXHAUSTED
+    max_message_bytes: int = 1 << 20  # largest request message (after decompression); beyond it RESOURCE_EXHAUSTED
+    # Per connection: most calls at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; a client's further
+    # calls wait on its side). Above what one server admits by default (batch + queue = 160), so a
+    # single busy client is refused by the queue, as others are, rather than held back here.
+    max_concurrent_streams: int = 256
+    max_metadata_bytes: int = 8 << 10  # largest request metadata (all headers of one call); beyond it refused
     stream_interval: int = 1  # GenerateStream: tokens per message after the first (1: every token at once)
     grace_period_s: float = 20.0  # on SIGTERM/SIGINT, how long in-flight calls get to finish
     log_format: str = "json"  # json (one object per line) | text
@@ -60,6 +66,8 @@ class ServerConfig:
     tls_cert: str = ""  # PEM server certificate (chain); with tls_key, the server listens with TLS only
     tls_key: str = ""  # PEM private key of tls_cert
     tls_client_ca: str = ""  # PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS)
+    auth_token_file: str = ""  # bearer tokens, one per line (# comments); every call must send one; "" = no auth
+    auth_health: str = "off"  # on: health checks need a token too; off: health stays open for probes
 
     def __post_init__(self) -> None:
         """Reject values the server cannot use, naming the flag and the variable."""
@@ -86,6 +94,8 @@ class ServerConfig:
             ("max_return_sequences", 1 <= self.max_return_sequences <= self.max_batch_size,
              f"must be in 1..max_batch_size ({self.max_batch_size}): each sample takes a row"),
             ("max_message_bytes", 1024 <= self.max_message_bytes < 2**31, "must be in 1024..2147483647"),
+            ("max_concurrent_streams", 1 <= self.max_concurrent_streams < 2**31, "must be in 1..2147483647"),
+            ("max_metadata_bytes", 1024 <= self.max_metadata_bytes < 2**31, "must be in 1024..2147483647"),
             ("stream_interval", 1 <= self.stream_interval <= 1024, "must be in 1..1024"),
             ("grace_period_s", math.isfinite(self.grace_period_s) and self.grace_period_s >= 0, "must be >= 0"),
             ("log_format", self.log_format in LOG_FORMATS, f"must be one of {', '.join(LOG_FORMATS)}"),
@@ -94,6 +104,8 @@ class ServerConfig:
         checks += [
             ("tls_key", bool(self.tls_cert) == bool(self.tls_key), "and tls_cert go together"),
             ("tls_client_ca", not self.tls_client_ca or bool(self.tls_cert), "needs tls_cert and tls_key"),
+            ("auth_health", self.auth_health in ON_OFF, "must be on or off"),
+            ("auth_health", self.auth_health == "off" or bool(self.auth_token_file), "on needs auth_token_file"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -105,6 +117,11 @@ class ServerConfig:
         return {"device": self.device, "intra_op_threads": self.intra_op_threads,
                 "inter_op_threads": self.inter_op_threads, "optimization": self.optimization,
                 "spinning": self.intra_op_spinning, "io_binding": self.io_binding}
+
+    @property
+    def metrics_address_host(self) -> str:
+        """The interface the /metrics listener binds: metrics_host, else the gRPC host."""
+        return self.metrics_host or self.host
 
     @property
     def address(self) -> str:
@@ -135,6 +152,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("host", str, "interface to listen on ('[::]' all, '127.0.0.1' this machine only)"),
     Setting("port", int, "gRPC port; 0 picks a free one"),
     Setting("metrics_port", int, "Prometheus /metrics HTTP port; 0 = off"),
+    Setting("metrics_host", str, "interface of the /metrics listener; empty: the same as --host"),
     Setting("device", str, "execution device (auto: CUDA when available)", DEVICES),
     Setting("intra_op_threads", int, "ONNX Runtime intra-op threads; 0 = one per core"),
     Setting("inter_op_threads", int, "ONNX Runtime inter-op threads"),
@@ -153,6 +171,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_beams", int, "largest num_beams; 0 = min(8, max batch size)"),
     Setting("max_return_sequences", int, "largest num_return_sequences for sampling; 0 = min(8, max batch size)"),
     Setting("max_message_bytes", int, "largest request message in bytes"),
+    Setting("max_concurrent_streams", int, "most calls at once on one client connection (further ones wait "
+            "on the client's side)"),
+    Setting("max_metadata_bytes", int, "largest metadata (headers) of one call in bytes; beyond it the call "
+            "is refused"),
     Setting("stream_interval", int, "GenerateStream sends the first token at once, then a message per this "
             "many tokens (fewer messages per token under load; the last ones ride on the final message)"),
     Setting("grace_period_s", float, "seconds in-flight calls get to finish on SIGTERM/SIGINT"),
@@ -161,6 +183,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls_cert", str, "PEM server certificate; with --tls-key the server listens with TLS only"),
     Setting("tls_key", str, "PEM private key of --tls-cert"),
     Setting("tls_client_ca", str, "PEM CA bundle; clients must then present a certificate it signed (mutual TLS)"),
+    Setting("auth_token_file", str, "file of bearer tokens, one per line (blank lines and # comments ignored), "
+            "reread on SIGHUP; every call must then send 'authorization: Bearer TOKEN'"),
+    Setting("auth_health", str, "on: grpc.health.v1 needs a token too; off: it stays open for probes", ON_OFF),
 )
 _BY_FIELD = {s.field: s for s in SETTINGS}
 MODEL_DIR_ENV = ENV_PREFIX + "MODEL_DIR"

@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from seqserve.export.model_dir import ModelDir, open_model_dir
 from seqserve.model.data import encode_source, load_tokenizer
 from seqserve.model.errors import SeqserveError
+from seqserve.server.auth import ReloadOnSignal, TokenAuth, interceptors
 from seqserve.server.config import ServerConfig, parse_args
 from seqserve.server.engine import OnnxSeq2Seq
 from seqserve.server.generation import GenerationParams
@@ -57,6 +58,7 @@ class SeqServeServer:
         self.metrics = metrics
         self.port = port
         self.metrics_port = 0
+        self.auth: TokenAuth | None = None  # the accepted tokens, with --auth-token-file; reload() on SIGHUP
         self.scheduler: Scheduler | ProcessScheduler | None = None
         self._loop = asyncio.get_running_loop()
 
@@ -156,8 +158,16 @@ async def create_server(config: ServerConfig) -> tuple[SeqServeServer, int]:
     for name in HEALTH_SERVICES:
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     credentials = server_credentials(config)
-    grpc_server = grpc.aio.server(options=[
+    auth = TokenAuth(config.auth_token_file) if config.auth_token_file else None  # no tokens: an error here
+    grpc_server = grpc.aio.server(interceptors=interceptors(
+        auth, auth_health=config.auth_health == "on", on_refused=metrics.on_rpc), options=[
         ("grpc.max_receive_message_length", config.max_message_bytes),
+        # Per connection, so that one client cannot push past them: calls at once (more wait on the
+        # client's side), and the size of one call's headers (soft and hard limit alike: gRPC
+        # refuses calls between the two at random otherwise).
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        ("grpc.max_metadata_size", config.max_metadata_bytes),
+        ("grpc.absolute_max_metadata_size", config.max_metadata_bytes),
         ("grpc.so_reuseport", 0),  # a port already in use is an error, not a silently shared port
         # The client library pings every 60 s during long calls; gRPC's default (one ping per
         # 5 min) would answer that with GOAWAY "too many pings".
@@ -183,13 +193,15 @@ async def create_server(config: ServerConfig) -> tuple[SeqServeServer, int]:
         raise SeqserveError(f"cannot listen on {config.address} (port in use, or not allowed)")
     await grpc_server.start()
     server = SeqServeServer(config, grpc_server, service, health, metrics, port)
+    server.auth = auth
     try:
         await server.load(model_dir)
         if config.metrics_port:
             try:
-                server.metrics_port = metrics.serve(config.host, config.metrics_port)
+                server.metrics_port = metrics.serve(config.metrics_address_host, config.metrics_port)
             except OSError as exc:
-                raise SeqserveError(f"cannot serve metrics on port {config.metrics_port}: {exc.strerror or exc}") from None
+                raise SeqserveError(f"cannot serve metrics on {config.metrics_address_host} port {config.metrics_port}: "
+                                    f"{exc.strerror or exc}") from None
     except BaseException:
         await server.stop(0)
         raise
@@ -203,7 +215,11 @@ async def serve(config: ServerConfig) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reload_tokens = ReloadOnSignal()  # SIGHUP rereads the token file (one during start-up: once started)
+    if config.auth_token_file:
+        loop.add_signal_handler(signal.SIGHUP, reload_tokens)
     server, port = await create_server(config)
+    reload_tokens.attach(server.auth)
     log.info("serving on %s:%d", config.host, port, extra={"fields": {
         "event": "serving", "host": config.host, "port": port, "metrics_port": server.metrics_port,
         "startup_s": round(time.monotonic() - started, 3)}})

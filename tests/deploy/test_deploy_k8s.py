@@ -3,18 +3,21 @@ object validates strictly against the API schemas of the oldest and newest Kuber
 (kubernetes-validate), and the objects agree with each other and with the server: native gRPC
 probes on the server's port, settings the server accepts, a termination grace period that covers
 the preStop pause and the drain, a headless Service and an autoscaler that find the Deployment,
-and the GPU overlay's nvidia.com/gpu and CUDA settings."""
+the GPU overlay's nvidia.com/gpu and CUDA settings, and bearer tokens mounted from a Secret whose
+placeholder the server refuses to start with."""
 
 from __future__ import annotations
 
 import math
 import subprocess
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
+
+from seqserve.server.auth import TokenFileError, read_tokens
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -152,3 +155,30 @@ def test_model_volume_overlay_mounts_the_model_read_only(rendered, config_from_e
     claim = one(objects, "PersistentVolumeClaim")
     assert volume["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"], "readOnly": True}
     assert claim["spec"]["accessModes"] == ["ReadOnlyMany"]
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_tokens_come_from_a_secret_mounted_for_rotation(rendered, name: str, config_from_env, tmp_path: Path) -> None:
+    objects = rendered[name]
+    deployment = one(objects, "Deployment")
+    c = container(deployment)
+    config = config_from_env(env_of(c))
+    token_file = PurePosixPath(config.auth_token_file)
+    assert token_file.is_absolute(), "every call must carry a bearer token (SEQSERVE_AUTH_TOKEN_FILE)"
+    assert config.auth_health == "off", "the native gRPC probes send no token: health must stay open"
+    # The file's folder is a read-only mount of a Secret volume, without subPath: the kubelet then
+    # updates the file in place when the Secret changes, and a SIGHUP makes the server reread it.
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == str(token_file.parent)]
+    assert mount["readOnly"] is True and "subPath" not in mount
+    (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["defaultMode"] & 0o007 == 0, "the token file must not be readable by everyone"
+    pod_security = deployment["spec"]["template"]["spec"]["securityContext"]
+    assert volume["secret"]["defaultMode"] & 0o040 and pod_security["fsGroup"] == pod_security["runAsUser"], \
+        "the server's user reads the token file through its group"
+    (secret,) = [o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == volume["secret"]["secretName"]]
+    placeholder = secret["stringData"][token_file.name]
+    # The placeholder is not a token: deployed unchanged, the server refuses to start, instead of
+    # accepting a token anyone can read here.
+    (tmp_path / "tokens").write_text(placeholder)
+    with pytest.raises(TokenFileError, match="no tokens"):
+        read_tokens(tmp_path / "tokens")
