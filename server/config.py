@@ -49,6 +49,9 @@ class ServerConfig:
     io_binding: str = "auto"  # KV cache kept on the device between steps: auto (on CUDA only) | on | off
     max_batch_size: int = 32  # most rows (inputs, beams, samples) decoded together in one step
     max_queue: int = 128  # most requests waiting for a batch row; beyond it RESOURCE_EXHAUSTED
+    # on: a call whose deadline the queue ahead is likely to outlast is refused at once
+    # (RESOURCE_EXHAUSTED with a retry hint); off: it queues and ends with DEADLINE_EXCEEDED.
+    deadline_admission: str = "on"
     max_inputs_per_request: int = 32  # most inputs in one Generate call
     max_new_tokens_limit: int = 256  # largest max_new_tokens accepted (the model's max_target_len caps it too)
     max_beams: int = 0  # largest num_beams; 0 = min(8, max_batch_size) (a beam search takes num_beams rows)
@@ -84,6 +87,7 @@ class ServerConfig:
             ("optimization", self.optimization in OPTIMIZATIONS, f"must be one of {', '.join(OPTIMIZATIONS)}"),
             ("intra_op_spinning", self.intra_op_spinning in SPINNING, f"must be one of {', '.join(SPINNING)}"),
             ("worker_process", self.worker_process in ON_OFF, "must be on or off"),
+            ("deadline_admission", self.deadline_admission in ON_OFF, "must be on or off"),
             ("io_binding", self.io_binding in IO_BINDINGS, f"must be one of {', '.join(IO_BINDINGS)}"),
             ("max_batch_size", self.max_batch_size >= 1, "must be >= 1"),
             ("max_queue", self.max_queue >= 1, "must be >= 1"),
@@ -166,6 +170,9 @@ SETTINGS: tuple[Setting, ...] = (
             "binding); auto: on with CUDA, off on CPU where numpy is zero-copy; 'on' forces it (tests)", IO_BINDINGS),
     Setting("max_batch_size", int, "most rows (inputs, beams, samples) decoded together"),
     Setting("max_queue", int, "most requests waiting for a row; beyond it RESOURCE_EXHAUSTED"),
+    Setting("deadline_admission", str, "refuse at once (RESOURCE_EXHAUSTED, with a retry hint) a call whose "
+            "deadline the queue ahead is likely to outlast, instead of queueing work that would be thrown "
+            "away (on), or let it queue (off)", ON_OFF),
     Setting("max_inputs_per_request", int, "most inputs in one Generate call"),
     Setting("max_new_tokens_limit", int, "largest max_new_tokens a request may ask for"),
     Setting("max_beams", int, "largest num_beams; 0 = min(8, max batch size)"),

@@ -70,7 +70,8 @@ class SeqServeServer:
         if config.worker_process == "on":
             scheduler = ProcessScheduler(model_dir, WorkerOptions(
                 str(model_dir.path), config.engine_options, max_batch_size=config.max_batch_size,
-                max_queue=config.max_queue, log_format=config.log_format, log_level=config.log_level),
+                max_queue=config.max_queue, deadline_admission=config.deadline_admission == "on",
+                log_format=config.log_format, log_level=config.log_level),
                 self._loop, observer=self.metrics, on_worker_lost=self._worker_lost)
             self.scheduler = scheduler
             await asyncio.to_thread(scheduler.start)
@@ -78,7 +79,8 @@ class SeqServeServer:
         else:
             engine = await asyncio.to_thread(OnnxSeq2Seq, model_dir, **config.engine_options)
             scheduler = self.scheduler = Scheduler(engine, max_batch_size=config.max_batch_size,
-                                                   max_queue=config.max_queue, observer=self.metrics)
+                                                   max_queue=config.max_queue, observer=self.metrics,
+                                                   deadline_admission=config.deadline_admission == "on")
             scheduler.start()
             providers = list(engine.providers)
         self.metrics.watch(scheduler)

@@ -122,8 +122,9 @@ class Scheduler:
     """Runs requests through one continuously batched `DecodeLoop` on a worker thread."""
 
     def __init__(self, engine: StepEngine, *, max_batch_size: int = 32, max_queue: int = 128,
-                 observer: SchedulerObserver | None = None) -> None:
+                 observer: SchedulerObserver | None = None, deadline_admission: bool = True) -> None:
         self.engine = engine
+        self.deadline_admission = deadline_admission
         self.config = engine.config
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -167,7 +168,7 @@ class Scheduler:
             if self.queue_depth >= self.max_queue:
                 raise errors.Overloaded(f"wait queue is full ({self.max_queue} requests); retry later",
                                         self.loop.estimate_wait(self.queue_depth, params.rows))
-            if deadline is not None:
+            if deadline is not None and self.deadline_admission:
                 admit_deadline(self.loop, self.queue_depth, params, deadline, time.monotonic())
             entry = _Submitted(request, handle, on_token)
             self._inbox.append(entry)

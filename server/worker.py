@@ -60,6 +60,7 @@ class WorkerOptions:
     engine: dict[str, Any] = field(default_factory=dict)  # OnnxSeq2Seq's keyword arguments (ServerConfig.engine_options)
     max_batch_size: int = 32
     max_queue: int = 128
+    deadline_admission: bool = True  # refuse at once what the queue ahead would make miss its deadline
     log_format: str = "json"
     log_level: str = "info"
     step_delay_s: float = 0.0  # tests only: sleep this long before each decoder step, to hold requests in the batch
@@ -401,7 +402,7 @@ def run_worker(conn: Connection, options: WorkerOptions) -> int:
                 if loop.queued >= options.max_queue:
                     raise errors.Overloaded(f"wait queue is full ({options.max_queue} requests); retry later",
                                             loop.estimate_wait(loop.queued, params.rows))
-                if message.deadline is not None:
+                if message.deadline is not None and options.deadline_admission:
                     admit_deadline(loop, loop.queued, params, message.deadline, time.monotonic())
             except errors.Overloaded as exc:
                 outbox.fail(message.id, exc)

@@ -30,6 +30,9 @@ from seqserve.server.bench_serve import server_pids
 
 TIMEOUT = 30.0
 SEQSERVE = [sys.executable, "-m", "seqserve.server.cli"]
+# These tests queue many inputs on purpose; whether their 30 s deadlines look reachable behind that
+# queue depends on how fast the machine is, so deadline-aware admission stays out of them.
+NO_DEADLINE_ADMISSION = ("--deadline-admission", "off")
 
 
 class ServeProcess:
@@ -97,7 +100,7 @@ def test_serve_without_torch_and_sigterm_drains(model_dir: Path, serve_process: 
     process = serve_process(str(model_dir), "--host", "127.0.0.1", "--port", "0", "--max-batch-size", "1",
                             "--max-queue", "512", "--max-inputs-per-request", "128", "--grace-period", "30",
                             "--intra-op-threads", "1", "--metrics-port", str(metrics_port),
-                            "--worker-process", worker_process)
+                            "--worker-process", worker_process, *NO_DEADLINE_ADMISSION)
     serving = process.wait_for_event("serving")
     port, pid = serving["port"], process.proc.pid
     assert serving["metrics_port"] == metrics_port
@@ -194,7 +197,7 @@ def test_drain_cut_short_exits_3_and_says_so(model_dir: Path, serve_process: Cal
         metrics_port = s.getsockname()[1]
     process = serve_process(str(model_dir), "--host", "127.0.0.1", "--port", "0", "--max-batch-size", "1",
                             "--max-queue", "1024", "--max-inputs-per-request", "256", "--grace-period", "0.2",
-                            "--intra-op-threads", "1", "--metrics-port", str(metrics_port))
+                            "--intra-op-threads", "1", "--metrics-port", str(metrics_port), *NO_DEADLINE_ADMISSION)
     port = process.wait_for_event("serving")["port"]
 
     def wait_for_queue_depth(depth: int) -> None:
