@@ -18,7 +18,7 @@ $(BIN)/python:
 # looser would pull a multi-GB CUDA build.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[cpu,train,dev]"
+	$(BIN)/pip install --quiet -e ".[cpu,train,dev,tracing]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -26,7 +26,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$VENV/bin/pip" install --quiet --upgrade pip
 fi
 "$VENV/bin/pip" install --quiet "torch==2.13.*"
-"$VENV/bin/pip" install --quiet -e ".[gpu,train,dev]"
+"$VENV/bin/pip" install --quiet -e ".[gpu,train,dev,tracing]"
 
 step "CUDA provider"
 "$VENV/bin/python" - <<'EOF'

@@ -71,6 +71,9 @@ class ServerConfig:
     tls_client_ca: str = ""  # PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS)
     auth_token_file: str = ""  # bearer tokens, one per line (# comments); every call must send one; "" = no auth
     auth_health: str = "off"  # on: health checks need a token too; off: health stays open for probes
+    # OpenTelemetry traces sent over OTLP/gRPC to this collector (http:// plaintext, https:// TLS;
+    # needs the `tracing` extra); "" = tracing off (server.tracing)
+    otlp_endpoint: str = ""
 
     def __post_init__(self) -> None:
         """Reject values the server cannot use, naming the flag and the variable."""
@@ -110,6 +113,8 @@ class ServerConfig:
             ("tls_client_ca", not self.tls_client_ca or bool(self.tls_cert), "needs tls_cert and tls_key"),
             ("auth_health", self.auth_health in ON_OFF, "must be on or off"),
             ("auth_health", self.auth_health == "off" or bool(self.auth_token_file), "on needs auth_token_file"),
+            ("otlp_endpoint", not self.otlp_endpoint or self.otlp_endpoint.startswith(("http://", "https://")),
+             "must be an http:// (plaintext) or https:// (TLS) URL, or empty (tracing off)"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -193,6 +198,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth_token_file", str, "file of bearer tokens, one per line (blank lines and # comments ignored), "
             "reread on SIGHUP; every call must then send 'authorization: Bearer TOKEN'"),
     Setting("auth_health", str, "on: grpc.health.v1 needs a token too; off: it stays open for probes", ON_OFF),
+    Setting("otlp_endpoint", str, "send OpenTelemetry traces (a span per call, with queue, encode and decode "
+            "children) over OTLP/gRPC to this collector, e.g. http://localhost:4317 (https:// for TLS; the "
+            "standard OTEL_* variables apply); needs the `tracing` extra; empty: tracing off"),
 )
 _BY_FIELD = {s.field: s for s in SETTINGS}
 MODEL_DIR_ENV = ENV_PREFIX + "MODEL_DIR"

@@ -34,6 +34,7 @@ from seqserve.server.logs import configure_logging
 from seqserve.server.metrics import Metrics
 from seqserve.server.scheduler import Scheduler
 from seqserve.server.service import SERVICE_NAME, Backend, LoopMailbox, SeqServeService, add_to_server, watch
+from seqserve.server.tracing import tracer_from_config
 from seqserve.server.validation import Validator
 from seqserve.server.worker import ProcessScheduler, WorkerOptions
 
@@ -123,11 +124,14 @@ class SeqServeServer:
         return cut
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop now (calls still running after `grace` seconds are cancelled), then the worker and metrics."""
+        """Stop now (calls still running after `grace` seconds are cancelled), then the worker, traces, metrics."""
         self.service.start_stopping()
         await self.grpc_server.stop(grace)
         if self.scheduler is not None:
             await asyncio.to_thread(self.scheduler.stop)
+        tracer, self.service.tracer = self.service.tracer, None
+        if tracer is not None:  # every call has ended: flush their spans to the collector
+            await asyncio.to_thread(tracer.shutdown)
         self.metrics.close()
 
 
@@ -156,6 +160,7 @@ async def create_server(config: ServerConfig) -> tuple[SeqServeServer, int]:
     model_dir = await asyncio.to_thread(open_model_dir, config.model_dir)  # sha256 of both graphs
     metrics = Metrics()
     service = SeqServeService(config, metrics)
+    service.tracer = tracer_from_config(config)  # None: tracing off; without the `tracing` extra, an error here
     health = health_aio.HealthServicer()
     for name in HEALTH_SERVICES:
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

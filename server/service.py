@@ -22,7 +22,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import tokenizers
@@ -38,6 +38,9 @@ from seqserve.server.generation import FinishReason, RequestResult, Strategy, To
 from seqserve.server.metrics import Metrics
 from seqserve.server.scheduler import RequestHandle, RequestScheduler
 from seqserve.server.validation import ValidInput, Validator
+
+if TYPE_CHECKING:  # tracing is optional: its module, and OpenTelemetry, are loaded only with a tracer
+    from seqserve.server.tracing import RequestTracer
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SeqServe"].full_name  # "seqserve.v1.SeqServe"
 MAX_REQUEST_ID = 128  # characters; the id goes into every log line of the request
@@ -84,6 +87,7 @@ class _Call:
     input_tokens: int = 0
     output_tokens: int = 0
     results: list[RequestResult] = field(default_factory=list)
+    results_at: float = 0.0  # time.monotonic() when the results came (anchors the trace's child spans)
 
     def log_fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {"event": "request", "request_id": self.id, "method": self.method,
@@ -258,6 +262,7 @@ class SeqServeService(pb_grpc.SeqServeServicer):
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.tracer: RequestTracer | None = None  # OpenTelemetry spans (--otlp-endpoint); None: tracing off
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -383,6 +388,8 @@ class SeqServeService(pb_grpc.SeqServeServicer):
                      context.peer() or "")
         self._in_flight += 1
         self._idle.clear()
+        tracer = self.tracer
+        span = tracer.start(call, context) if tracer is not None else None
         error: errors.ServingError | None = None
         try:
             yield call
@@ -403,6 +410,8 @@ class SeqServeService(pb_grpc.SeqServeServicer):
             if self._in_flight == 0:
                 self._idle.set()
             self.metrics.on_rpc(method, call.code.name)
+            if tracer is not None and span is not None:  # children from the measured timings, now it is over
+                tracer.finish(span, call)
             if request_log.isEnabledFor(logging.INFO):  # the fields cost a few µs per call: only when logged
                 request_log.info("%s %s %s", method, call.id, call.code.name, extra={"fields": call.log_fields()})
         if error is not None:
@@ -443,7 +452,7 @@ class SeqServeService(pb_grpc.SeqServeServicer):
                     waiter.exception()  # retrieved: a second failure is not worth a warning
 
     def _account(self, call: _Call, results: list[RequestResult], *, streamed: bool) -> None:
-        call.results = results
+        call.results, call.results_at = results, time.monotonic()
         call.output_tokens = sum(r.output_tokens for r in results)
         for result in results:
             self.metrics.on_result(result, streamed=streamed)
