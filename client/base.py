@@ -37,7 +37,8 @@ class ClientBase:
             tls_server_name: the name the server's certificate must carry, when it differs from the address.
             auth_token: sent as "authorization: Bearer TOKEN" with every call.
             metadata: extra gRPC metadata sent with every call.
-            retry: the retry policy for UNAVAILABLE (None: no retries).
+            retry: the retry policy for UNAVAILABLE and RESOURCE_EXHAUSTED, which waits as long as the
+                server's pushback says (None: no retries).
             keepalive_time_s: seconds between keepalive pings while calls are in flight.
             keepalive_timeout_s: seconds to wait for a ping's answer before the connection is closed.
             max_message_bytes: largest message sent or received.

@@ -1,5 +1,6 @@
 """How a client reaches the servers: the gRPC target, the service config (round-robin balancing and a
-retry policy for UNAVAILABLE), keepalive and message-size options, TLS credentials and call metadata.
+retry policy for UNAVAILABLE and RESOURCE_EXHAUSTED that honours the server's pushback), keepalive and
+message-size options, TLS credentials and call metadata.
 
 Both `Client` and `AsyncClient` build their channel from one `ChannelSettings`, so the blocking and
 the asyncio client behave the same way on the wire.
@@ -30,26 +31,46 @@ USER_AGENT = "seqserve-client/0.1"
 PathOrPem = str | bytes | os.PathLike[str]
 
 
+PUSHBACK_KEY = "grpc-retry-pushback-ms"  # trailing metadata: when to retry (gRPC retry design A6)
+MIN_BACKOFF_S = 0.002
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    """gRPC's transparent retries of calls that end UNAVAILABLE (a replica down or draining).
+    """gRPC's transparent retries of calls that end UNAVAILABLE (a replica down or draining) and,
+    unless `retry_overloaded` is off, RESOURCE_EXHAUSTED (a full server).
 
     A retried call is one the server never answered, so nothing is generated twice for the caller; a
-    stream is retried only until its first message arrived.
+    stream is retried only until its first message arrived. Retries stay within the call's deadline.
+    A server's `grpc-retry-pushback-ms` trailer overrides the backoff (gRPC's retry design A6, which
+    gRPC itself implements): a value of N waits N ms before the next attempt, a negative or
+    malformed one means do not retry, and the call fails at once with the server's status.
     """
 
     max_attempts: int = 5  # the first try included (gRPC caps it at 5)
     initial_backoff_s: float = 0.05  # the n-th retry waits about min(initial * multiplier**(n-1), max), jittered
     max_backoff_s: float = 1.0
     backoff_multiplier: float = 2.0
+    # RESOURCE_EXHAUSTED too: seqserve answers a full queue with a pushback saying when a place is
+    # likely free (or not to retry). Other servers' RESOURCE_EXHAUSTED without a pushback (gRPC's
+    # own concurrency limit; a request over the server's message size) are retried with the backoff.
+    retry_overloaded: bool = True
+
+    def __post_init__(self) -> None:
+        # gRPC (1.85) never sends a retry whose delay rounds to 0 ms: the call then hangs until its
+        # deadline (measured; the backoff is jittered by 20%, so 1 ms can round to 0).
+        if not MIN_BACKOFF_S <= self.initial_backoff_s <= self.max_backoff_s:
+            raise InvalidArgument(f"retry: backoffs must be at least {MIN_BACKOFF_S * 1e3:g} ms, initial <= max "
+                                  f"(got {self.initial_backoff_s:g} s and {self.max_backoff_s:g} s)")
 
     def as_json(self) -> dict[str, Any]:
+        # CANCELLED too: a call that reaches a replica while its gRPC server is stopping is
+        # cancelled by gRPC before any handler ran (no response headers), so it is safe to
+        # send elsewhere; gRPC never retries once a response has started.
+        codes = ["UNAVAILABLE", "CANCELLED"] + (["RESOURCE_EXHAUSTED"] if self.retry_overloaded else [])
         return {"maxAttempts": self.max_attempts, "initialBackoff": f"{self.initial_backoff_s:g}s",
                 "maxBackoff": f"{self.max_backoff_s:g}s", "backoffMultiplier": self.backoff_multiplier,
-                # CANCELLED too: a call that reaches a replica while its gRPC server is stopping is
-                # cancelled by gRPC before any handler ran (no response headers), so it is safe to
-                # send elsewhere; gRPC never retries once a response has started.
-                "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]}
+                "retryableStatusCodes": codes}
 
 
 def service_config(retry: RetryPolicy | None) -> dict[str, Any]:

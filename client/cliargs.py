@@ -8,7 +8,7 @@ import argparse
 import os
 from typing import Any
 
-from seqserve.client.channel import ADDRESS_ENV, DEFAULT_ADDRESS
+from seqserve.client.channel import ADDRESS_ENV, DEFAULT_ADDRESS, RetryPolicy
 from seqserve.client.convert import OPTION_DOCS
 
 TOKEN_ENV = "SEQSERVE_TOKEN"
@@ -45,6 +45,9 @@ def connection_parser() -> argparse.ArgumentParser:
     g.add_argument("--token", help=f"sent as 'authorization: Bearer TOKEN' (env {TOKEN_ENV})")
     g.add_argument("--metadata", "-H", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="extra call metadata; repeatable")
+    g.add_argument("--retry-overloaded", action=argparse.BooleanOptionalAction, default=True,
+                   help="retry calls the server refuses with RESOURCE_EXHAUSTED, after the wait its "
+                        "grpc-retry-pushback-ms says (default on; off: such calls fail at once)")
     return p
 
 
@@ -60,6 +63,7 @@ def client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "tls_server_name": args.tls_server_name,
         "auth_token": args.token or os.environ.get(TOKEN_ENV) or None,
         "metadata": args.metadata,
+        "retry": RetryPolicy(retry_overloaded=args.retry_overloaded),
     }
 
 

@@ -1,7 +1,11 @@
-"""What `seqserve-loadtest` reports: per load level, throughput, latency percentiles, time to first
-token and inter-token latency (streaming), errors by status code, and the check that every request
-sent either succeeded or failed. Rendered as a terminal table, JSON, or a PNG plot (matplotlib,
-the `loadtest` extra).
+"""What `seqserve-loadtest` reports: per load level, throughput and goodput, latency percentiles,
+time to first token and inter-token latency (streaming), errors by status code with their latency,
+and the check that every request sent either succeeded or failed. Rendered as a terminal table,
+JSON, or a PNG plot (matplotlib, the `loadtest` extra).
+
+Goodput is the rate of requests that finished OK within their deadline (the calls' timeout),
+counted from when each was due: under overload a server can keep its throughput while more and
+more of what it returns comes too late to be of use, and goodput is what says so.
 """
 
 from __future__ import annotations
@@ -59,12 +63,14 @@ class LevelReport:
     dropped: int  # open loop: arrivals not sent (max in flight reached)
     errors: dict[str, int]  # status name -> count
     requests_per_s: float  # succeeded / wall_s
+    goodput_per_s: float  # succeeded within their deadline (latency <= the calls' timeout) / wall_s
     output_tokens: int  # over succeeded calls
     output_tokens_per_s: float
     latency_ms: Distribution | None  # succeeded calls: due -> ended
     ttft_ms: Distribution | None  # streaming: due -> first piece
     itl_ms: Distribution | None  # streaming: gap between consecutive pieces
     max_send_lag_ms: float  # open loop: how late the client sent (large: the client, not the server, was slow)
+    error_latency_ms: dict[str, Distribution]  # status name -> latency of the calls that ended with it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,17 +86,24 @@ def summarize(run: RunResult) -> LevelReport:
                             f"(or a call never ended)")
     tokens = sum(r.output_tokens for r in ok)
     spec = run.spec
+    good = sum(1 for r in ok if r.latency_s <= spec.timeout_s)
+    by_code: dict[str, list[float]] = {}
+    for r in failed:
+        by_code.setdefault(r.code, []).append(r.latency_s)
     return LevelReport(
         mode=spec.mode, stream=spec.stream,
         concurrency=spec.concurrency if spec.mode == "closed" else None,
         rate=spec.rate if spec.mode == "open" else None,
         wall_s=run.wall_s, sent=sent, succeeded=len(ok), failed=len(failed), dropped=run.dropped,
         errors=dict(sorted(Counter(r.code for r in failed).items())),
-        requests_per_s=len(ok) / run.wall_s, output_tokens=tokens, output_tokens_per_s=tokens / run.wall_s,
+        requests_per_s=len(ok) / run.wall_s, goodput_per_s=good / run.wall_s,
+        output_tokens=tokens, output_tokens_per_s=tokens / run.wall_s,
         latency_ms=Distribution.of([r.latency_s for r in ok]),
         ttft_ms=Distribution.of([r.first_token_s for r in ok if r.first_token_s is not None]) if spec.stream else None,
         itl_ms=Distribution.of([g for r in ok for g in r.token_gaps_s]) if spec.stream else None,
         max_send_lag_ms=run.max_send_lag_s * 1e3,
+        error_latency_ms={code: d for code, seconds in sorted(by_code.items())
+                          if (d := Distribution.of(seconds)) is not None},
     )
 
 
@@ -107,7 +120,7 @@ def format_table(reports: Sequence[LevelReport]) -> str:
     """A plain-text table, one row per load level (times in ms)."""
     stream = any(r.stream for r in reports)
     open_loop = any(r.mode == "open" for r in reports)
-    head = ["rate/s" if open_loop else "conc", "sent", "ok", "failed", "req/s", "tok/s",
+    head = ["rate/s" if open_loop else "conc", "sent", "ok", "failed", "req/s", "good/s", "tok/s",
             "p50", "p90", "p99", "max"]
     if stream:
         head += ["ttft p50", "ttft p99", "itl p50", "itl p99"]
@@ -115,7 +128,7 @@ def format_table(reports: Sequence[LevelReport]) -> str:
     for r in reports:
         lat = r.latency_ms
         row = [_fmt(r.rate, 1) if r.mode == "open" else str(r.concurrency), str(r.sent), str(r.succeeded),
-               str(r.failed), _fmt(r.requests_per_s), _fmt(r.output_tokens_per_s, 0)]
+               str(r.failed), _fmt(r.requests_per_s), _fmt(r.goodput_per_s), _fmt(r.output_tokens_per_s, 0)]
         row += [_fmt(getattr(lat, k, None)) for k in ("p50", "p90", "p99", "max")]
         if stream:
             row += [_fmt(getattr(r.ttft_ms, "p50", None)), _fmt(getattr(r.ttft_ms, "p99", None)),
@@ -129,11 +142,14 @@ def format_table(reports: Sequence[LevelReport]) -> str:
         level = f"rate {r.rate:g}/s" if r.mode == "open" else f"concurrency {r.concurrency}"
         if r.errors:
             notes.append(f"{level}: errors " + ", ".join(f"{code} {n}" for code, n in r.errors.items()))
+            for code, d in r.error_latency_ms.items():
+                notes.append(f"{level}: {code} seen after p50 {d.p50:,.1f} / p99 {d.p99:,.1f} / max {d.max:,.1f} ms")
         if r.dropped:
             notes.append(f"{level}: {r.dropped} arrivals dropped (client max in flight reached)")
     kind = "GenerateStream" if stream else "Generate"
     footer = (f"{kind}, {'open' if open_loop else 'closed'} loop; latency in ms (p50/p90/p99/max over "
-              "succeeded calls); tok/s = output tokens per second; sent = ok + failed (checked)")
+              "succeeded calls); good/s = calls OK within their deadline per second; tok/s = output tokens "
+              "per second; sent = ok + failed (checked)")
     return "\n".join(lines + notes + [footer])
 
 
@@ -173,8 +189,8 @@ def plot(reports: Sequence[LevelReport], runs: Sequence[RunResult], path: str | 
         ax = axes[0][1]
         ax.plot(levels, [r.output_tokens_per_s for r in reports], "o-")
         for level, r in zip(levels, reports):  # requests/s is proportional; written beside each point
-            ax.annotate(f"{r.requests_per_s:,.0f} req/s", (level, r.output_tokens_per_s), fontsize=8,
-                        textcoords="offset points", xytext=(4, -12))
+            ax.annotate(f"{r.requests_per_s:,.0f} req/s ({r.goodput_per_s:,.0f} in time)",
+                        (level, r.output_tokens_per_s), fontsize=8, textcoords="offset points", xytext=(4, -12))
         ax.set_ylabel("output tokens/s")
         ax.set_ylim(bottom=0)
         ax.set_title("throughput")

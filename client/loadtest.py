@@ -123,6 +123,7 @@ async def run(args: argparse.Namespace, texts: list[str], log: TextIO | None
         meta = {"target": client.target, "model_version": info.model_version, "providers": list(info.providers),
                 "max_batch_size": info.limits.max_batch_size, "mode": args.mode, "stream": args.stream,
                 "warmup_s": args.warmup, "duration_s": specs[0].duration_s, "requests": args.requests,
+                "timeout_s": args.timeout, "retry_overloaded": args.retry_overloaded,
                 "inputs": str(args.inputs) if args.inputs else f"{args.task} x{len(texts)} (seed {args.data_seed})",
                 "options": {k: v for k, v in options.items() if v not in (None, False, [], 0)},
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -134,7 +135,8 @@ async def run(args: argparse.Namespace, texts: list[str], log: TextIO | None
             if log is not None:
                 level = f"concurrency {report.concurrency}" if report.mode == "closed" else f"rate {report.rate:g}/s"
                 print(f"{PROG}: {level}: {report.sent} sent, {report.failed} failed, "
-                      f"{report.requests_per_s:.1f} req/s, {report.output_tokens_per_s:.0f} tok/s",
+                      f"{report.requests_per_s:.1f} req/s ({report.goodput_per_s:.1f} within their deadline), "
+                      f"{report.output_tokens_per_s:.0f} tok/s",
                       file=log, flush=True)
 
         runs = await sweep(client, texts, specs, options, warmup_s=args.warmup, on_done=done)

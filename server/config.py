@@ -24,6 +24,11 @@ IO_BINDINGS = ("auto", "on", "off")  # server.engine.IO_BINDINGS
 OPTIMIZATIONS = ("disable", "basic", "extended", "all")  # server.engine.OPTIMIZATION_LEVELS
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Calls beyond what the scheduler can hold that the concurrent call limit still lets in: health
+# watches (one per client connection), probes, model info and reflection, so that those go on
+# being answered while SeqServe calls beyond the queue are refused by admission.
+RPC_HEADROOM = 64
+RPC_HEADROOM_DOC = f"{RPC_HEADROOM} (room for health checks and watches)"
 ENV_PREFIX = "SEQSERVE_"
 
 
@@ -52,6 +57,10 @@ class ServerConfig:
     # on: a call whose deadline the queue ahead is likely to outlast is refused at once
     # (RESOURCE_EXHAUSTED with a retry hint); off: it queues and ends with DEADLINE_EXCEEDED.
     deadline_admission: str = "on"
+    # Most calls the whole server runs at once, every service counted (health checks and watches,
+    # reflection); beyond it gRPC answers RESOURCE_EXHAUSTED before any handler runs or the request
+    # is read. 0: max_queue + max_batch_size + RPC_HEADROOM (`rpc_limit`).
+    max_concurrent_rpcs: int = 0
     max_inputs_per_request: int = 32  # most inputs in one Generate call
     max_new_tokens_limit: int = 256  # largest max_new_tokens accepted (the model's max_target_len caps it too)
     max_beams: int = 0  # largest num_beams; 0 = min(8, max_batch_size) (a beam search takes num_beams rows)
@@ -94,6 +103,7 @@ class ServerConfig:
             ("io_binding", self.io_binding in IO_BINDINGS, f"must be one of {', '.join(IO_BINDINGS)}"),
             ("max_batch_size", self.max_batch_size >= 1, "must be >= 1"),
             ("max_queue", self.max_queue >= 1, "must be >= 1"),
+            ("max_concurrent_rpcs", 0 <= self.max_concurrent_rpcs < 2**31, "must be >= 0 (0 = derived)"),
             ("max_inputs_per_request", self.max_inputs_per_request >= 1, "must be >= 1"),
             ("max_new_tokens_limit", self.max_new_tokens_limit >= 1, "must be >= 1"),
             ("max_beams", 1 <= self.max_beams <= self.max_batch_size,
@@ -131,6 +141,11 @@ class ServerConfig:
     def metrics_address_host(self) -> str:
         """The interface the /metrics listener binds: metrics_host, else the gRPC host."""
         return self.metrics_host or self.host
+
+    @property
+    def rpc_limit(self) -> int:
+        """The server's concurrent call limit: max_concurrent_rpcs, or derived from the queue and batch."""
+        return self.max_concurrent_rpcs or self.max_queue + self.max_batch_size + RPC_HEADROOM
 
     @property
     def address(self) -> str:
@@ -178,6 +193,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("deadline_admission", str, "refuse at once (RESOURCE_EXHAUSTED, with a retry hint) a call whose "
             "deadline the queue ahead is likely to outlast, instead of queueing work that would be thrown "
             "away (on), or let it queue (off)", ON_OFF),
+    Setting("max_concurrent_rpcs", int, "most calls the server runs at once, health and reflection counted; "
+            "beyond it gRPC answers RESOURCE_EXHAUSTED before any handler runs; 0 = max queue + max batch "
+            f"size + {RPC_HEADROOM_DOC}"),
     Setting("max_inputs_per_request", int, "most inputs in one Generate call"),
     Setting("max_new_tokens_limit", int, "largest max_new_tokens a request may ask for"),
     Setting("max_beams", int, "largest num_beams; 0 = min(8, max batch size)"),

@@ -183,7 +183,11 @@ async def create_server(config: ServerConfig) -> tuple[SeqServeServer, int]:
         # and spread onto replicas added since they connected (headless Service, autoscaling).
         ("grpc.max_connection_age_ms", 300_000),
         ("grpc.max_connection_age_grace_ms", 60_000),
-    ])
+    ],
+        # Calls beyond the limit (every service counted) are answered RESOURCE_EXHAUSTED by gRPC
+        # itself, before the request is read or a handler runs (interceptors still do): the
+        # cheapest refusal there is, though only once gRPC has accepted the call (docs/overload.md).
+        maximum_concurrent_rpcs=config.rpc_limit)
     add_to_server(service, grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
     reflection.enable_server_reflection(

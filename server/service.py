@@ -7,6 +7,16 @@ with the request id, never a user's fault. A client's deadline becomes the sched
 and a client that cancels (or disconnects) has its rows dropped from the batch at the next step.
 
 The scheduler's worker thread talks to the event loop only through `loop.call_soon_threadsafe`.
+
+A RESOURCE_EXHAUSTED answer carries a `grpc-retry-pushback-ms` trailer (gRPC's retry design A6),
+which gRPC clients with RESOURCE_EXHAUSTED in their retry policy (ours by default) obey instead of
+their backoff. Its rule (`SeqServeService.pushback_ms`): the refusal's own `retry_after_s` (the
+scheduler's estimate of the queue's wait: the requests ahead over the recent completion rate) when
+it has one; else the recent wait for a row (a moving average of the queue time of finished inputs),
+100 ms before any input finished; clamped to 10 ms .. 10 s and spread by a random factor of
+0.5-1.5 so refused callers do not all come back at once. When the call's deadline leaves less than
+twice that (the wait, then about as long again in the queue), or `retry_after_s` is negative, the
+trailer says -1: do not retry, a retry could not finish in time.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import random
 import re
 import threading
 import time
@@ -50,6 +61,11 @@ MAX_REQUEST_ID = 128  # characters; the id goes into every log line of the reque
 _REQUEST_ID = re.compile(rf"[\x21-\x7e]{{1,{MAX_REQUEST_ID}}}")
 REQUEST_ID_RULE = (f"must be 1 to {MAX_REQUEST_ID} printable ASCII characters without spaces "
                    "(or empty: the server makes one)")
+
+PUSHBACK_KEY = "grpc-retry-pushback-ms"  # trailing metadata of RESOURCE_EXHAUSTED: when to retry, or -1: don't
+PUSHBACK_DEFAULT_S = 0.1  # before any input finished: no measured queue wait yet
+PUSHBACK_MIN_S, PUSHBACK_MAX_S = 0.01, 10.0  # never 0 after the spread: gRPC never sends a retry due at 0 ms
+QUEUE_WAIT_WEIGHT = 0.1  # moving average of the queue wait: the weight of each finished input
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("seqserve.requests")
@@ -262,6 +278,7 @@ class SeqServeService(pb_grpc.SeqServeServicer):
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.queue_wait_s: float | None = None  # moving average of finished inputs' queue time (pushback)
         self.tracer: RequestTracer | None = None  # OpenTelemetry spans (--otlp-endpoint); None: tracing off
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -415,7 +432,21 @@ class SeqServeService(pb_grpc.SeqServeServicer):
             if request_log.isEnabledFor(logging.INFO):  # the fields cost a few µs per call: only when logged
                 request_log.info("%s %s %s", method, call.id, call.code.name, extra={"fields": call.log_fields()})
         if error is not None:
-            await context.abort(error.code, str(error), trailing_metadata=(("x-request-id", call.id),))
+            trailers: tuple[tuple[str, str], ...] = (("x-request-id", call.id),)
+            if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                trailers += ((PUSHBACK_KEY, str(self.pushback_ms(error, context.time_remaining()))),)
+            await context.abort(error.code, str(error), trailing_metadata=trailers)
+
+    def pushback_ms(self, error: errors.ServingError, remaining_s: float | None) -> int:
+        """How many ms a refused caller should wait before retrying, or -1: do not retry (module doc)."""
+        hint = getattr(error, "retry_after_s", None)  # 0 or None: no estimate
+        if hint is not None and hint < 0:
+            return -1
+        wait = hint if hint else self.queue_wait_s if self.queue_wait_s is not None else PUSHBACK_DEFAULT_S
+        wait = min(max(wait, PUSHBACK_MIN_S), PUSHBACK_MAX_S)
+        if remaining_s is not None and remaining_s < 2 * wait:
+            return -1
+        return round(wait * random.uniform(0.5, 1.5) * 1e3)
 
     def _ready(self, request: Any) -> Backend:
         """The backend for a well-formed request; UNAVAILABLE while loading or draining."""
@@ -456,6 +487,9 @@ class SeqServeService(pb_grpc.SeqServeServicer):
         call.output_tokens = sum(r.output_tokens for r in results)
         for result in results:
             self.metrics.on_result(result, streamed=streamed)
+            wait = result.timings.queue
+            self.queue_wait_s = wait if self.queue_wait_s is None else (
+                self.queue_wait_s + QUEUE_WAIT_WEIGHT * (wait - self.queue_wait_s))
 
     @staticmethod
     def _input_result(backend: Backend, item: ValidInput, result: RequestResult) -> pb.InputResult:

@@ -122,13 +122,24 @@ class FakeServicer(pb_grpc.SeqServeServicer):
         self.cancelled = threading.Event()  # set when a call ended without completing
         self.metadata: list[tuple[str, str]] = []  # the last call's invocation metadata
         self.started = threading.Event()  # set when a call reaches the servicer
+        # RESOURCE_EXHAUSTED for the next calls, one entry each: the grpc-retry-pushback-ms trailer
+        # it carries (None: none); calls once the list is empty are answered normally.
+        self.refusals: list[str | None] = []
+        self.arrivals: list[float] = []  # time.monotonic() of every call reaching the servicer
 
     def _start(self, context: grpc.ServicerContext) -> dict[str, bool]:
         """Record the call; its returned state's "done" must be set once it completed normally."""
+        self.arrivals.append(time.monotonic())
         self.metadata = [(m.key, m.value) for m in context.invocation_metadata()]
         self.started.set()
         state = {"done": False}
         context.add_callback(lambda: None if state["done"] else self.cancelled.set())  # runs when the RPC ends
+        if self.refusals:
+            state["done"] = True
+            pushback = self.refusals.pop(0)
+            if pushback is not None:
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", pushback),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "wait queue is full (fake)")
         if self.abort:
             state["done"] = True
             context.abort(*self.abort)

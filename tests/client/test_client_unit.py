@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from seqserve.client import (Cancelled, Client, DeadlineExceeded, FinishReason, GenerationResult, InvalidArgument,
-                             Overloaded, SeqserveClientError, ServerError, Unavailable)
+                             Overloaded, RetryPolicy, SeqserveClientError, ServerError, Unavailable)
 from seqserve.client import channel, convert, errors
 from seqserve.model.errors import SeqserveError
 from seqserve.proto import seqserve_pb2 as pb
@@ -184,7 +184,7 @@ def test_addresses_come_from_the_argument_then_the_environment(monkeypatch: pyte
     assert channel.split_addresses(["a:1,b:2", "c:3"]) == ["a:1", "b:2", "c:3"]
 
 
-def test_service_config_balances_round_robin_and_retries_unavailable() -> None:
+def test_service_config_balances_round_robin_and_retries_unavailable_and_overloaded() -> None:
     settings = channel.channel_settings(["127.0.0.1:5001", "127.0.0.1:5002"], auth_token="s3cret",
                                         metadata={"X-Tenant": "a"})
     options = dict(settings.options)
@@ -194,13 +194,21 @@ def test_service_config_balances_round_robin_and_retries_unavailable() -> None:
     (method,) = config["methodConfig"]
     assert {"service": "seqserve.v1.SeqServe"} in method["name"]
     retry = method["retryPolicy"]
-    assert retry["maxAttempts"] == 5 and retry["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"]
+    assert retry["maxAttempts"] == 5
+    assert retry["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED", "RESOURCE_EXHAUSTED"]  # after the pushback
     assert retry["initialBackoff"].endswith("s") and retry["backoffMultiplier"] > 1
     assert options["grpc.enable_retries"] == 1 and options["grpc.keepalive_time_ms"] > 0
     assert settings.metadata == (("authorization", "Bearer s3cret"), ("x-tenant", "a"))
     assert settings.credentials is None
     no_retry = dict(channel.channel_settings("127.0.0.1:1", retry=None).options)
     assert "methodConfig" not in json.loads(no_retry["grpc.service_config"])
+    not_overloaded = dict(channel.channel_settings("127.0.0.1:1", retry=RetryPolicy(retry_overloaded=False)).options)
+    (method,) = json.loads(not_overloaded["grpc.service_config"])["methodConfig"]
+    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"]
+    with pytest.raises(InvalidArgument, match="at least 2 ms"):  # gRPC would never send a retry due at 0 ms
+        RetryPolicy(initial_backoff_s=0.001)
+    with pytest.raises(InvalidArgument, match="initial <= max"):
+        RetryPolicy(initial_backoff_s=2.0, max_backoff_s=1.0)
 
 
 def test_tls_settings(tmp_path) -> None:

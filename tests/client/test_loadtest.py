@@ -18,8 +18,8 @@ from seqserve.client.loadreport import CountMismatch, format_table, summarize
 from seqserve.client.loadtest import main, read_inputs
 
 LEVEL_KEYS = {"mode", "stream", "concurrency", "rate", "wall_s", "sent", "succeeded", "failed", "dropped", "errors",
-              "requests_per_s", "output_tokens", "output_tokens_per_s", "latency_ms", "ttft_ms", "itl_ms",
-              "max_send_lag_ms"}
+              "requests_per_s", "goodput_per_s", "output_tokens", "output_tokens_per_s", "latency_ms", "ttft_ms",
+              "itl_ms", "max_send_lag_ms", "error_latency_ms"}
 
 
 def run_main(argv: list[str]) -> tuple[int, str]:
@@ -42,7 +42,8 @@ def test_closed_loop_sweep_json_and_plot(served, tmp_path: Path) -> None:
         lat = lv["latency_ms"]
         assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"] and lat["count"] == lv["succeeded"]
         assert lv["requests_per_s"] > 0 and lv["output_tokens_per_s"] > lv["requests_per_s"]
-        assert lv["ttft_ms"] is None and lv["errors"] == {}
+        assert 0 < lv["goodput_per_s"] <= lv["requests_per_s"]
+        assert lv["ttft_ms"] is None and lv["errors"] == {} and lv["error_latency_ms"] == {}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
@@ -77,10 +78,15 @@ def test_open_loop_counts_and_stream_timings(served) -> None:
 
 def test_errors_are_counted_by_status_code(start_server) -> None:
     server = start_server(max_batch_size=1, max_queue=1)
-    code, out = run_main(["-a", server.address, "-c", "12", "--requests", "120", "--warmup", "0", "--json", "-q"])
-    (level,) = json.loads(out)["levels"]
+    code, out = run_main(["-a", server.address, "-c", "12", "--requests", "120", "--warmup", "0", "--json", "-q",
+                          "--no-retry-overloaded"])  # refusals counted, not retried after the server's pushback
+    report = json.loads(out)
+    (level,) = report["levels"]
     assert code == 0 and level["sent"] == 120 == level["succeeded"] + level["failed"]
     assert level["errors"].get("RESOURCE_EXHAUSTED", 0) == level["failed"] > 0
+    refused = level["error_latency_ms"]["RESOURCE_EXHAUSTED"]  # how soon the callers learnt of it
+    assert refused["count"] == level["failed"] and 0 < refused["p50"] <= refused["p99"] <= refused["max"]
+    assert report["meta"]["retry_overloaded"] is False
 
 
 def test_runs_stop_by_themselves_when_calls_hang(fake_server) -> None:
@@ -114,6 +120,25 @@ def test_hard_stop_cancels_and_counts_what_is_left(fake_server) -> None:
     assert time.monotonic() - start < 30  # the hard stop ended it: neither the answers nor the deadline did
     assert report.sent > 0 and report.failed == report.sent
     assert set(report.errors) == {"CANCELLED_BY_LOADTEST"}
+
+
+def test_goodput_counts_the_calls_that_succeeded_within_their_deadline() -> None:
+    spec = LoadSpec(mode="open", rate=10, duration_s=1.0, timeout_s=1.0)
+    records = [RequestRecord(0.0, 0.5, "OK", output_tokens=10), RequestRecord(0.1, 1.0, "OK", output_tokens=10),
+               RequestRecord(0.2, 1.5, "OK", output_tokens=10),  # sent late by the client: 1.3 s after it was due
+               RequestRecord(0.3, 0.32, "RESOURCE_EXHAUSTED"), RequestRecord(0.4, 0.44, "RESOURCE_EXHAUSTED"),
+               RequestRecord(0.5, 1.5, "DEADLINE_EXCEEDED")]
+    report = summarize(RunResult(spec, records, 0.0, 2.0))
+    assert report.succeeded == 3 and report.requests_per_s == pytest.approx(1.5)
+    assert report.goodput_per_s == pytest.approx(1.0)  # the late one is throughput, not goodput
+    refused = report.error_latency_ms["RESOURCE_EXHAUSTED"]
+    assert refused.count == 2 and refused.p50 == pytest.approx(30.0) and refused.max == pytest.approx(40.0)
+    assert report.error_latency_ms["DEADLINE_EXCEEDED"].p99 == pytest.approx(1000.0)
+    assert set(report.error_latency_ms) == set(report.errors) == {"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
+    header, _, row, *notes = format_table([report]).splitlines()
+    cells = dict(zip(header.split(), row.split()))
+    assert cells["req/s"] == "1.5" and cells["good/s"] == "1.0"
+    assert any("RESOURCE_EXHAUSTED seen after p50 30.0 / p99 39.8 / max 40.0 ms" in n for n in notes), notes
 
 
 def test_counts_that_do_not_add_up_are_an_error() -> None:
