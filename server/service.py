@@ -384,6 +384,11 @@ class SeqServeService(pb_grpc.SeqServeServicer):
                     handle.cancel()
                 if not done.done():
                     done.cancel()
+                elif not done.cancelled():
+                    # Retrieved: a stream cut by its deadline while the scheduler failed it too
+                    # would otherwise log "Future exception was never retrieved", with a traceback,
+                    # once per expired stream: under overload, hundreds of error lines a second.
+                    done.exception()
             self._account(call, [result], streamed=True)
             yield pb.GenerateStreamResponse(tokens=pending, result=self._input_result(backend, item, result),
                                             request_id=call.id, model_version=backend.model_dir.version)
