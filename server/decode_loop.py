@@ -127,8 +127,12 @@ class DecodeLoop:
     """The running batch and its requests, advanced one step boundary per `step()` call."""
 
     def __init__(self, engine: StepEngine, *, max_batch_size: int = 32,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_admit: Callable[[list[int]], None] | None = None) -> None:
+        """`on_admit(ids)` is called when requests leave the queue for the batch, before their
+        encoder pass (a driver that counts its queue frees their places there)."""
         self.engine = engine
+        self.on_admit = on_admit
         self.config = engine.config
         self.max_batch_size = max_batch_size
         self.clock = clock
@@ -274,6 +278,8 @@ class DecodeLoop:
             free -= state.params.rows
         if not admitted:
             return
+        if self.on_admit is not None:
+            self.on_admit([state.id for state in admitted])
         start = self.clock()
         ids, mask = pad_batch([r.request.source_ids for r in admitted], self.config.pad_id)
         cross_key, cross_value = self.engine.encode(ids, mask)

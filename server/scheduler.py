@@ -129,10 +129,11 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.observer = observer
-        self.loop = DecodeLoop(engine, max_batch_size=max_batch_size, clock=time.monotonic)
+        self.loop = DecodeLoop(engine, max_batch_size=max_batch_size, clock=time.monotonic, on_admit=self._admitted)
         self._ids = itertools.count()
         self._lock = threading.Condition()
         self._inbox: deque[_Submitted] = deque()  # submitted, not yet handed to the loop
+        self._queued: dict[int, _Submitted] = {}  # submitted, not yet admitted into the batch (the wait queue)
         self._cancels: list[int] = []  # cancelled since the last step boundary
         self._live: dict[int, _Submitted] = {}  # every request not yet settled
         self._closed = False
@@ -164,7 +165,7 @@ class Scheduler:
             if self._closed:
                 raise errors.Unavailable("server is shutting down")
             if self.queue_depth >= self.max_queue:
-                self._purge_inbox(time.monotonic())  # cancelled or expired requests hold no place
+                self._purge_queued(time.monotonic())  # cancelled or expired requests hold no place
             if self.queue_depth >= self.max_queue:
                 raise errors.Overloaded(f"wait queue is full ({self.max_queue} requests); retry later",
                                         self.loop.estimate_wait(self.queue_depth, params.rows))
@@ -172,6 +173,7 @@ class Scheduler:
                 admit_deadline(self.loop, self.queue_depth, params, deadline, time.monotonic())
             entry = _Submitted(request, handle, on_token)
             self._inbox.append(entry)
+            self._queued[request_id] = entry
             self._live[request_id] = entry
             self._idle.clear()
             self._lock.notify()
@@ -180,28 +182,39 @@ class Scheduler:
             self.observer.on_queue_depth(depth)
         return handle
 
+    def _admitted(self, ids: list[int]) -> None:
+        """The loop took these requests into the batch (its thread, inside a step): places free up."""
+        with self._lock:
+            for request_id in ids:
+                self._queued.pop(request_id, None)
+
     def _cancel(self, request_id: int) -> None:
         with self._lock:
             self._cancels.append(request_id)
             self._lock.notify()
 
-    def _purge_inbox(self, now: float) -> None:
-        """Fail requests not yet handed to the loop that were cancelled or passed their deadline (lock held)."""
-        keep: deque[_Submitted] = deque()
-        for entry in self._inbox:
+    def _purge_queued(self, now: float) -> None:
+        """Settle queued requests that were cancelled or passed their deadline now, so that they hold
+        no place in the queue (lock held); those the loop already holds leave it at its next step."""
+        gone: set[int] = set()
+        for request_id, entry in self._queued.items():
             deadline = entry.request.deadline
             if entry.handle.cancel_requested:
                 error: errors.ServingError | None = errors.Cancelled("request cancelled by the caller")
             elif deadline is not None and now > deadline:
                 error = errors.DeadlineExceeded("deadline passed before the request finished")
             else:
-                error = None
-            if error is None:
-                keep.append(entry)
-            else:
-                self._live.pop(entry.request.id, None)
-                _settle(entry.handle.future, error)
-        self._inbox = keep
+                continue
+            gone.add(request_id)
+            self._live.pop(request_id, None)
+            _settle(entry.handle.future, error)
+        if gone:
+            for request_id in gone:
+                del self._queued[request_id]
+            in_inbox = {entry.request.id for entry in self._inbox}
+            self._inbox = deque(entry for entry in self._inbox if entry.request.id not in gone)
+            self._cancels += [i for i in gone if i not in in_inbox]
+            self._lock.notify()
 
     def close(self) -> None:
         """Refuse new requests; queued and running ones still finish."""
@@ -222,7 +235,7 @@ class Scheduler:
             self._thread.join()
         self.loop.fail_all()
         with self._lock:
-            entries, self._live, self._inbox = list(self._live.values()), {}, deque()
+            entries, self._live, self._inbox, self._queued = list(self._live.values()), {}, deque(), {}
         for entry in entries:
             _settle(entry.handle.future, errors.Unavailable("server stopped before the request finished"))
         self._idle.set()
@@ -230,7 +243,7 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         """Requests waiting for batch rows."""
-        return len(self._inbox) + self.loop.queued
+        return len(self._queued)
 
     @property
     def active_rows(self) -> int:
@@ -247,8 +260,8 @@ class Scheduler:
                     self._lock.wait()
                 if self._stopping:
                     return
-                if self._cancels:  # cancelled before they reached the loop: settled now, not a step later
-                    self._purge_inbox(time.monotonic())
+                if self._cancels:  # cancelled while queued: settled now, not a step later
+                    self._purge_queued(time.monotonic())
                 # Handed over under the lock, so that the queue's depth never misses requests in transit.
                 if self._inbox:
                     loop.add(entry.request for entry in self._inbox)
@@ -257,6 +270,10 @@ class Scheduler:
                     loop.cancel(self._cancels)
                     self._cancels = []
             events = loop.step()
+            if events.failed:  # some may have failed while still queued
+                with self._lock:
+                    for request_id, _ in events.failed:
+                        self._queued.pop(request_id, None)
             observe(self.observer, events, self.queue_depth)
             self._deliver(events)
 
