@@ -54,9 +54,14 @@ class Validator:
         """A Generate request: every input, with the shared options."""
         limit = self.config.max_inputs_per_request
         if not request.inputs:
-            raise InvalidRequest("inputs", f"no inputs; send 1 to {limit}")
+            raise InvalidRequest("inputs", f"no inputs; send 1 to {min(limit, self.config.max_queue)}")
         if len(request.inputs) > limit:
             raise InvalidRequest("inputs", f"{len(request.inputs)} inputs; max_inputs_per_request is {limit}")
+        # Every input takes a place in the wait queue, all at once: more than it holds would be
+        # RESOURCE_EXHAUSTED even on an idle server, an overload that no retry can cure.
+        if len(request.inputs) > self.config.max_queue:
+            raise InvalidRequest("inputs", f"{len(request.inputs)} inputs; each waits in the queue, which holds "
+                                           f"max_queue {self.config.max_queue}: send at most that many per call")
         params = self.options(request.options)
         return [self.input(text, f"inputs[{i}]", params, request.options.truncate_input)
                 for i, text in enumerate(request.inputs)]

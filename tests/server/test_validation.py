@@ -89,6 +89,18 @@ def test_inputs(validator: Validator) -> None:
     assert invalid(lambda: validator.stream_request(pb.GenerateStreamRequest(input=""))).field == "input"
 
 
+def test_more_inputs_than_the_queue_holds_are_invalid_not_overloaded(validator: Validator) -> None:
+    """Found by tests/server/test_fuzz.py: with max_queue below max_inputs_per_request, a Generate
+    of more inputs than the queue holds was RESOURCE_EXHAUSTED even on an idle server (every input
+    takes a queue place at once), which a client retries for ever."""
+    small = Validator(validator.tokenizer, validator.model,
+                      ServerConfig(model_dir="unused", max_inputs_per_request=4, max_batch_size=1, max_queue=2))
+    assert len(small.generate_request(pb.GenerateRequest(inputs=["1 May 2000"] * 2))) == 2
+    error = invalid(lambda: small.generate_request(pb.GenerateRequest(inputs=["1 May 2000"] * 3)))
+    assert error.field == "inputs" and "3 inputs" in str(error) and "max_queue 2" in str(error)
+    assert "send 1 to 2" in str(invalid(lambda: small.generate_request(pb.GenerateRequest())))
+
+
 def test_long_input_is_rejected_or_truncated(validator: Validator) -> None:
     text = "Tuesday, the 5th of November 1985 and the 6th of December 1986"
     assert len(encode_source(validator.tokenizer, text)) > 16
