@@ -4,6 +4,12 @@ event loop on a thread of its own) so tests can look at the scheduler, with the 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -132,3 +138,63 @@ def start_server(model_dir: Path) -> Iterator[Callable[..., RunningServer]]:
     yield start
     for running in started:
         running.close()
+
+
+# -- `seqserve serve` as a real process (signals, exit codes, its log) ----------------------------
+
+SEQSERVE = [sys.executable, "-m", "seqserve.server.cli"]
+
+
+class ServeProcess:
+    """`seqserve serve` in a subprocess; its stderr (JSON log lines) is read on a thread."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([*SEQSERVE, "serve", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+            self.lines.put(line)
+
+    def wait_for_event(self, event: str, timeout: float = TIMEOUT) -> dict:
+        """The first JSON log record with this `event` field."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.1)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    pytest.fail(f"server exited with {self.proc.returncode}:\n{''.join(self.log)}")
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("event") == event:
+                return record
+        pytest.fail(f"no {event!r} log line within {timeout} s:\n{''.join(self.log)}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def serve_process() -> Iterator[Callable[..., Any]]:
+    """Starts `seqserve serve` processes; kills whichever are still running at the end."""
+    started: list[Any] = []
+
+    def start(*args: str, cls: type = ServeProcess) -> Any:
+        """`seqserve serve ARGS` as `cls` (ServeProcess, or a test's own kind with `kill()`)."""
+        started.append(cls(*args))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.kill()

@@ -8,18 +8,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import queue
 import secrets
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -312,56 +309,7 @@ def test_metrics_listen_on_metrics_host(start_server: Callable[..., Any]) -> Non
 
 # -- `seqserve serve` as a process: a real SIGHUP, a clear start-up error -----------------------
 
-class ServeProcess:
-    """`seqserve serve` in a subprocess with JSON logs on stderr, read on a thread."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([*SEQSERVE, "serve", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
-            self.lines.put(line)
-
-    def wait_for_event(self, event: str) -> dict[str, Any]:
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.1)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    pytest.fail(f"server exited with {self.proc.returncode}:\n{''.join(self.log)}")
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("event") == event:
-                return record
-        pytest.fail(f"no {event!r} log line within {TIMEOUT} s:\n{''.join(self.log)}")
-
-
-@pytest.fixture
-def serve_process() -> Iterator[Callable[..., ServeProcess]]:
-    started: list[ServeProcess] = []
-
-    def start(*args: str) -> ServeProcess:
-        started.append(ServeProcess(*args))
-        return started[-1]
-
-    yield start
-    for process in started:
-        if process.proc.poll() is None:
-            process.proc.kill()
-            process.proc.wait(10)
-
-
-def test_sighup_rereads_the_token_file(model_dir: Path, tmp_path: Path, serve_process: Callable[..., ServeProcess],
+def test_sighup_rereads_the_token_file(model_dir: Path, tmp_path: Path, serve_process: Callable[..., Any],
                                        token: str) -> None:
     path = write_tokens(tmp_path / "tokens", token)
     process = serve_process(str(model_dir), "--host", "127.0.0.1", "--port", "0", "--intra-op-threads", "1",

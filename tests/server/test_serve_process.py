@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import shutil
 import signal
@@ -16,8 +15,9 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -35,62 +35,8 @@ SEQSERVE = [sys.executable, "-m", "seqserve.server.cli"]
 NO_DEADLINE_ADMISSION = ("--deadline-admission", "off")
 
 
-class ServeProcess:
-    """`seqserve serve` in a subprocess; its stderr (JSON log lines) is read on a thread."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([*SEQSERVE, "serve", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
-            self.lines.put(line)
-
-    def wait_for_event(self, event: str, timeout: float = TIMEOUT) -> dict:
-        """The first JSON log record with this `event` field."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.1)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    pytest.fail(f"server exited with {self.proc.returncode}:\n{''.join(self.log)}")
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("event") == event:
-                return record
-        pytest.fail(f"no {event!r} log line within {timeout} s:\n{''.join(self.log)}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-@pytest.fixture
-def serve_process() -> Iterator[Callable[..., ServeProcess]]:
-    """Starts `seqserve serve` processes; kills whichever are still running at the end."""
-    started: list[ServeProcess] = []
-
-    def start(*args: str) -> ServeProcess:
-        started.append(ServeProcess(*args))
-        return started[-1]
-
-    yield start
-    for process in started:
-        process.kill()
-
-
 @pytest.mark.parametrize("worker_process", ["off", "on"])
-def test_serve_without_torch_and_sigterm_drains(model_dir: Path, serve_process: Callable[..., ServeProcess],
+def test_serve_without_torch_and_sigterm_drains(model_dir: Path, serve_process: Callable[..., Any],
                                                 worker_process: str) -> None:
     # One batch row and 2 x 128 inputs of 24 forced tokens ahead of the stream: about a second of
     # decoding on a fast machine, so all three calls are still in flight when SIGTERM is handled.
@@ -187,7 +133,7 @@ def test_bad_model_dir_refuses_to_start_with_one_line(model_dir: Path, tmp_path:
 
 
 
-def test_drain_cut_short_exits_3_and_says_so(model_dir: Path, serve_process: Callable[..., ServeProcess]) -> None:
+def test_drain_cut_short_exits_3_and_says_so(model_dir: Path, serve_process: Callable[..., Any]) -> None:
     # One batch row and 3 x 256 inputs of 24 forced tokens (seconds of decoding, about three on a
     # fast machine), a stream queued behind the first batch, and a grace period of 0.2 s: calls are
     # still in flight when it runs out. An orchestrator must be able to tell: exit 3, a warning

@@ -68,7 +68,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,7 +138,7 @@ def call_options(kind: Kind, index: int) -> dict[str, Any]:
 
 # -- the server process ---------------------------------------------------------------------------
 
-class ServeProcess:
+class SoakProcess:
     """`seqserve serve` in a subprocess; its stderr (JSON log lines) is read on a thread, which
     keeps each request's log record by request id and notifies waiters."""
 
@@ -194,24 +194,10 @@ class ServeProcess:
             self.changed.wait_for(lambda: ids <= self.requests.keys() or self.proc.poll() is not None, timeout)
             return ids - self.requests.keys()
 
-    def stop(self) -> None:
+    def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-
-
-@pytest.fixture
-def serve_process() -> Iterator[Callable[..., ServeProcess]]:
-    """Starts `seqserve serve` processes; kills whichever are still running at the end."""
-    started: list[ServeProcess] = []
-
-    def start(*args: str) -> ServeProcess:
-        started.append(ServeProcess(*args))
-        return started[-1]
-
-    yield start
-    for process in started:
-        process.stop()
 
 
 def vm_rss_kb(pid: int) -> int:
@@ -456,7 +442,7 @@ async def run_phase(address: str, seconds: float, references: dict[tuple[str, in
     return sent
 
 
-def check_server_log(process: ServeProcess, tally: Tally, prefix: str) -> list[str]:
+def check_server_log(process: SoakProcess, tally: Tally, prefix: str) -> list[str]:
     """Problems in the server's request log lines of one phase: a status the client's view does not
     allow, a call the client never sent."""
     problems = []
@@ -511,7 +497,7 @@ def report(mode: str, warmup: Phase, soak: Phase, trace: RssTrace) -> str:
 
 @pytest.mark.timeout(max(600, int(SOAK_SECONDS + WARMUP_SECONDS + 600)))  # fixtures train first
 @pytest.mark.parametrize("worker_process", ["off", "on"])
-def test_soak_mixed_load(model_dir: Path, serve_process: Callable[..., ServeProcess], worker_process: str) -> None:
+def test_soak_mixed_load(model_dir: Path, serve_process: Callable[..., Any], worker_process: str) -> None:
     """Mixed load for SEQSERVE_SOAK_SECONDS (5 s by default) after a warm-up: zero failed requests,
     the same answers as before the load, and each server process's VmRSS at the end at most 5%
     above its value after the warm-up in a long run (from 60 s), 50% in a short one, where
@@ -519,7 +505,7 @@ def test_soak_mixed_load(model_dir: Path, serve_process: Callable[..., ServeProc
     metrics_port = free_port()
     process = serve_process(str(model_dir), "--host", "127.0.0.1", "--port", "0", "--metrics-port",
                             str(metrics_port), "--intra-op-threads", "1", "--worker-process", worker_process,
-                            "--log-level", "info")
+                            "--log-level", "info", cls=SoakProcess)
     port = process.wait_for_event("serving")["port"]
     pids = server_pids(process.proc.pid)
     assert len(pids) == (2 if worker_process == "on" else 1), pids
