@@ -53,8 +53,12 @@ def scrape(metrics_port: int) -> dict[str, float]:
 
 def server_pids(pid: int) -> list[int]:
     """The server process and its children (the decoding worker process, when it runs in one)."""
-    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
-                for c in (task / "children").read_text().split()]
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended since the listing
+            continue
     return [pid, *children]
 
 

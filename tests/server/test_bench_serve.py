@@ -5,6 +5,7 @@ SIGTERM), then the same levels against the transport floor (a server with no mod
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from seqserve.client import Client
-from seqserve.server.bench_serve import free_port, wait_serving
+from seqserve.server.bench_serve import free_port, server_pids, wait_serving
 from seqserve.server.bench_serve import main as bench_serve
 
 
@@ -62,3 +63,15 @@ def test_transport_floor_answers_like_the_server(tmp_path: Path) -> None:
         if floor.poll() is None:
             floor.kill()
             floor.wait()
+
+
+def test_server_pids_skips_threads_that_end_while_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_iterdir = Path.iterdir
+
+    def iterdir(self: Path):  # noqa: ANN202 - the listing still names a thread that has just ended
+        yield from real_iterdir(self)
+        if self.name == "task":
+            yield self / "999999999"
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    assert server_pids(os.getpid())[0] == os.getpid()  # no FileNotFoundError for the thread that ended
