@@ -16,6 +16,7 @@ token and the bookkeeping read them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -165,19 +166,21 @@ class DecodeBatch:
         missing = length - x.shape[1]
         return x if missing <= 0 else np.pad(x, [(0, 0), (missing, 0)], constant_values=False)
 
-    def step(self, engine: StepEngine) -> tuple[np.ndarray, np.ndarray, float]:
-        """One decoder step for all rows: logits (R, V), alignment (R, S), seconds inside the engine.
+    def step(self, engine: StepEngine, clock: Callable[[], float] = time.perf_counter
+             ) -> tuple[np.ndarray, np.ndarray, float]:
+        """One decoder step for all rows: logits (R, V), alignment (R, S), seconds inside the engine
+        (on `clock`: the decode loop passes its own).
 
         The cache grows by one slot; `tokens` must be set to the chosen tokens before the next step.
         """
         ops = self._ops or self._adopt(engine)
         decode = ops.decode if ops.on_device else engine.decode
         self_mask = np.concatenate([self.cache_mask, np.ones((len(self), 1), dtype=bool)], axis=1)  # (R, P+1)
-        start = time.perf_counter()
+        start = clock()
         logits, self.past_key, self.past_value, alignment = decode(
             self.tokens[:, None], self.positions[:, None], self.past_key, self.past_value, self_mask,
             self.cross_key, self.cross_value, self.source_mask)
-        run_seconds = time.perf_counter() - start
+        run_seconds = clock() - start
         self.cache_mask = self_mask
         self.positions = self.positions + 1
         return logits[:, -1], alignment[:, -1], run_seconds

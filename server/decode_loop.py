@@ -57,6 +57,15 @@ def check_request(config: ModelConfig, max_batch_size: int, source_ids: list[int
         raise errors.InvalidRequest(field, f"needs {params.rows} rows; max_batch_size is {max_batch_size}")
 
 
+def expiry(cancelled: bool, deadline: float | None, now: float) -> errors.ServingError | None:
+    """Why a request must end before it finishes (cancelled, or past its deadline at `now`), or None."""
+    if cancelled:
+        return errors.Cancelled("request cancelled by the caller")
+    if deadline is not None and now > deadline:
+        return errors.DeadlineExceeded("deadline passed before the request finished")
+    return None
+
+
 @dataclass
 class LoopRequest:
     """A request for the loop: its caller's id, token ids and options."""
@@ -243,13 +252,9 @@ class DecodeLoop:
         self._active, self._batch, self._row_count = [], None, 0
         self._min_new = np.zeros(0, dtype=np.int64)
 
-    def _expired(self, state: _Request, now: float) -> errors.ServingError | None:
-        if state.cancelled:
-            return errors.Cancelled("request cancelled by the caller")
-        deadline = state.request.deadline
-        if deadline is not None and now > deadline:
-            return errors.DeadlineExceeded("deadline passed before the request finished")
-        return None
+    @staticmethod
+    def _expired(state: _Request, now: float) -> errors.ServingError | None:
+        return expiry(state.cancelled, state.request.deadline, now)
 
     def purge(self) -> None:
         """End queued requests that were cancelled or passed their deadline now, so they hold no
@@ -317,17 +322,14 @@ class DecodeLoop:
     def _step(self, events: StepEvents) -> float:
         """One decoder step for all rows, then each row's choice of token; returns seconds in the engine."""
         assert self._batch is not None
-        start = self.clock()
         try:
-            logits, alignment, _ = self._batch.step(self.engine)
+            logits, alignment, run_seconds = self._batch.step(self.engine, self.clock)
         except Exception:
             log.exception("decoder step failed for a batch of %d rows; retrying request by request", len(self._batch))
             if not self._isolate_failed_step(events):
                 raise
             assert self._batch is not None
-            start = self.clock()
-            logits, alignment, _ = self._batch.step(self.engine)
-        run_seconds = self.clock() - start
+            logits, alignment, run_seconds = self._batch.step(self.engine, self.clock)
         self._batch.tokens = self._choose(logits, alignment, events)
         return run_seconds
 
@@ -346,7 +348,7 @@ class DecodeLoop:
             rows = np.arange(row, row + state.params.rows)
             row += state.params.rows
             try:
-                self._batch.subset(rows).step(self.engine)
+                self._batch.subset(rows).step(self.engine, self.clock)
             except Exception:
                 log.exception("decoder step failed for one request alone (%d source tokens)",
                               len(state.request.source_ids))

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from seqserve.server import errors
 from seqserve.server.batch import StepEngine
-from seqserve.server.decode_loop import DecodeLoop, LoopRequest, StepEvents, check_request
+from seqserve.server.decode_loop import DecodeLoop, LoopRequest, StepEvents, check_request, expiry
 from seqserve.server.generation import GenerationParams, RequestResult, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -198,12 +198,8 @@ class Scheduler:
         no place in the queue (lock held); those the loop already holds leave it at its next step."""
         gone: set[int] = set()
         for request_id, entry in self._queued.items():
-            deadline = entry.request.deadline
-            if entry.handle.cancel_requested:
-                error: errors.ServingError | None = errors.Cancelled("request cancelled by the caller")
-            elif deadline is not None and now > deadline:
-                error = errors.DeadlineExceeded("deadline passed before the request finished")
-            else:
+            error = expiry(entry.handle.cancel_requested, entry.request.deadline, now)
+            if error is None:
                 continue
             gone.add(request_id)
             self._live.pop(request_id, None)
