@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
-from seqserve.model.config import ModelConfig
-from seqserve.model.data import Pair, tokenizer_from_str
-from seqserve.model.errors import CheckpointError, DataError
+from seqserve.runtime.config import ModelConfig
+from seqserve.model.data import Pair
+from seqserve.runtime.tokenizer import tokenizer_from_str
+from seqserve.runtime.errors import CheckpointError, DataError
 from seqserve.model.transformer import Transformer
 
 CHECKPOINT_VERSION = 1
@@ -47,8 +48,6 @@ class Checkpoint:
 
 def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
     """Write atomically: a crash never leaves a truncated file under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "version": CHECKPOINT_VERSION,
         "config": ckpt.config.to_dict(),
@@ -57,6 +56,13 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
         "validation": [[p.source, p.target] for p in ckpt.validation],
         "metrics": ckpt.metrics,
     }
+    atomic_save(payload, path)
+
+
+def atomic_save(payload: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file beside `path`, then rename: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -67,17 +73,23 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
         raise
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint; a missing, corrupt or foreign file is a CheckpointError naming it."""
-    path = Path(path)
+def load_versioned(path: Path, what: str, version: int, *, missing: str) -> dict[str, Any]:
+    """A dict saved by `atomic_save` with {"version": version}; anything else is a CheckpointError naming it."""
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: {missing}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: not a seqserve checkpoint (version {CHECKPOINT_VERSION} expected)")
+        raise CheckpointError(f"{path}: not a readable {what} ({type(exc).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("version") != version:
+        raise CheckpointError(f"{path}: not a seqserve {what} (version {version} expected)")
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint; a missing, corrupt or foreign file is a CheckpointError naming it."""
+    path = Path(path)
+    payload = load_versioned(path, "checkpoint", CHECKPOINT_VERSION, missing="no such checkpoint file")
     missing = [k for k in ("config", "model", "tokenizer") if k not in payload]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")

@@ -1,29 +1,43 @@
 """`seqserve train`: teacher-forced parallel training of the Transformer on a built-in task or a
-TSV corpus, with the paper's optimizer and schedule, per-epoch validation, the best checkpoint
-kept, and a learning-curve plot beside it."""
+TSV corpus, with defaults that suit a small corpus without flags.
+
+Batches hold a token count, not a pair count, with pairs of one length together (batching.py);
+the paper's Adam and warm-up schedule with its peak set by the model's width and its warm-up by
+the run's length (schedule.py); gradients clipped; a run whose loss diverges stops with advice.
+Validation exact match after every epoch, the best checkpoint kept, optionally the last epochs
+averaged (averaging.py); the whole state saved so `--resume` continues exactly (resume.py);
+data-parallel under torchrun (distributed.py).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import random
+import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from seqserve.model.averaging import EpochSnapshots
+from seqserve.model.batching import Encoded, _pad, collate, rank_rows
 from seqserve.model.checkpoint import Checkpoint, save_checkpoint
-from seqserve.model.config import BASE, ModelConfig
-from seqserve.model.data import (TASKS, Pair, decode, encode_source, encode_target, read_tsv, special_ids,
-                                 task_pairs, train_tokenizer)
-from seqserve.model.errors import DataError, SeqserveError
+from seqserve.model.data import TASKS, Pair, read_tsv, task_pairs, train_tokenizer
+from seqserve.model.distributed import World, all_sum, close_world, from_main, init_world
+from seqserve.model.progress import Progress
+from seqserve.model.resume import STATE_FILE, load_training_state, save_training_state
+from seqserve.model.schedule import DivergenceCheck, auto_warmup, scheduled_lr
 from seqserve.model.transformer import Transformer, count_parameters, greedy_decode
+from seqserve.runtime.config import BASE, ModelConfig
+from seqserve.runtime.errors import DataError, SeqserveError
+from seqserve.runtime.tokenizer import decode, special_ids, tokenizer_from_str
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +48,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(d_model=256, encoder_layers=3, decoder_layers=3, n_heads=4, d_ff=1024, dropout=0.1),
     "base": BASE,
 }
+SAVE_INTERVAL_S = 300.0  # the training state is also saved this often within an epoch
 
 
 @dataclass
@@ -43,58 +58,31 @@ class TrainOptions:
     out: Path
     preset: str = "demo"
     epochs: int = 10
-    batch_size: int = 128
+    max_tokens: int = 4096  # padded tokens per batch and device, on the longer side (source or target)
+    batch_size: int | None = None  # optional cap on pairs per batch and device
     train_size: int = 40_000  # pairs generated per epoch for a built-in task
     valid_size: int = 1_000  # held-out pairs for a built-in task
     vocab_size: int = 8_000
-    warmup: int = 400
-    lr_scale: float = 1.0  # multiplies the paper's learning-rate schedule
+    warmup: int | None = None  # warm-up steps; None: 5% of the planned steps (50..4000)
+    lr_scale: float = 1.0  # multiplies the schedule's peak, the paper's for the model's width
+    clip_norm: float = 1.0  # gradient norm clipping; 0 turns it off
     label_smoothing: float = 0.1
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"  # auto, bf16 or fp32: auto is bf16 autocast where the device has bf16 units
+    threads: int | None = None  # CPU threads for torch; None keeps torch's default (one per core)
     max_minutes: float | None = None  # wall-clock budget: no epoch starts that would end past it
     target_exact_match: float | None = None  # stop once validation reaches it
     max_source_len: int = 256
     max_target_len: int = 256
+    average_last: int = 0  # also average the weights of the last N epochs (0: off)
+    save_every: int = 0  # save the training state every N steps too (0: every epoch and 5 minutes)
+    progress: bool = True  # progress bar on a terminal, plain lines otherwise
     overrides: dict[str, Any] = field(default_factory=dict)  # explicit model dims over the preset
 
-
-def noam_lr(step: int, d_model: int, warmup: int, scale: float = 1.0) -> float:
-    """The paper's schedule: linear warm-up, then decay with the inverse square root of the step."""
-    step = max(step, 1)
-    return scale * d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
-
-
-def _pad(seqs: list[list[int]], pad_id: int) -> torch.Tensor:
-    out = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out
-
-
-class Encoded:
-    """A corpus turned into token ids, ready for batching."""
-
-    def __init__(self, pairs: list[Pair], tokenizer, cfg: ModelConfig, *, what: str) -> None:  # noqa: ANN001
-        self.pairs = pairs
-        self.sources = [encode_source(tokenizer, p.source) for p in pairs]
-        self.targets = [encode_target(tokenizer, p.target) + [cfg.eos_id] for p in pairs]
-        for i, (s, t) in enumerate(zip(self.sources, self.targets)):
-            if len(s) > cfg.max_source_len or len(t) > cfg.max_target_len:
-                raise DataError(f"{what} pair {i + 1}: {len(s)} source / {len(t)} target tokens exceed "
-                                f"max_source_len {cfg.max_source_len} / max_target_len {cfg.max_target_len}")
-
-    def batches(self, batch_size: int, rng: random.Random) -> list[list[int]]:
-        """Shuffled batches of indices, grouped by length so little compute goes to padding."""
-        order = list(range(len(self.sources)))
-        rng.shuffle(order)
-        # Sort within windows of 50 batches: length-homogeneous batches, still random across windows.
-        window = batch_size * 50
-        order = [i for w in range(0, len(order), window)
-                 for i in sorted(order[w:w + window], key=lambda i: len(self.sources[i]))]
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        rng.shuffle(batches)
-        return batches
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, for the training state."""
+        return {**asdict(self), "out": str(self.out)}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -108,26 +96,46 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32. `auto` picks bf16 where the hardware has bf16
+    arithmetic (CUDA with bf16 support; CPUs with AVX512-BF16 or AMX, where oneDNN's bf16 matrix
+    multiplies ran about 4x the fp32 rate on the demo model) and fp32 elsewhere, where bf16
+    would only be emulated."""
+    if name not in ("auto", "bf16", "fp32"):
+        raise SeqserveError(f"--precision: expected auto, bf16 or fp32, got {name!r}")
+    if name == "fp32":
+        return None
+    if name == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    cpu = torch.cpu
+    native = cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native else None
+
+
 def evaluate(model: Transformer, data: Encoded, tokenizer, device: torch.device, *,  # noqa: ANN001
-             batch_size: int = 256) -> dict[str, float]:
-    """Greedy-decode the held-out set: exact match, BLEU and chrF (sacrebleu), and mean loss."""
+             batch_size: int = 500) -> dict[str, float]:
+    """Greedy-decode the held-out set in fp32 (as exported): exact match, BLEU, chrF and mean loss."""
     import sacrebleu
 
     model.eval()
     hyps: list[str] = []
     loss_sum, tokens = 0.0, 0
+    pad = model.cfg.pad_id
     with torch.no_grad():
         for start in range(0, len(data.sources), batch_size):
-            src = _pad(data.sources[start:start + batch_size], model.cfg.pad_id).to(device)
+            src = torch.from_numpy(_pad(data.sources[start:start + batch_size], pad)).to(device)
             longest = max(len(t) for t in data.targets[start:start + batch_size])
             outs = greedy_decode(model, src, max_new_tokens=min(model.cfg.max_target_len, longest + 8))
             hyps += [decode(tokenizer, o) for o in outs]
-            tgt = _pad(data.targets[start:start + batch_size], model.cfg.pad_id).to(device)
+            tgt = torch.from_numpy(_pad(data.targets[start:start + batch_size], pad)).to(device)
             tgt_in = torch.cat([torch.full_like(tgt[:, :1], model.cfg.bos_id), tgt[:, :-1]], dim=1)
             logits = model(src, tgt_in)
             loss_sum += float(nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(),
-                                                          ignore_index=model.cfg.pad_id, reduction="sum"))
-            tokens += int((tgt != model.cfg.pad_id).sum())
+                                                          ignore_index=pad, reduction="sum"))
+            tokens += int((tgt != pad).sum())
+    model.train()
     refs = [p.target for p in data.pairs]
     return {
         "exact_match": sum(h == r for h, r in zip(hyps, refs)) / len(refs),
@@ -135,8 +143,6 @@ def evaluate(model: Transformer, data: Encoded, tokenizer, device: torch.device,
         "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score,
         "valid_loss": loss_sum / max(1, tokens),
     }
-
-
 def plot_learning_curve(history: dict[str, list], path: Path) -> None:
     """Training loss per step and validation exact match per epoch, as a PNG."""
     import matplotlib
@@ -161,6 +167,7 @@ def plot_learning_curve(history: dict[str, list], path: Path) -> None:
     plt.close(fig)
 
 
+
 def load_corpus(task: str | None, data: str | None, valid: str | None, opts: TrainOptions) -> tuple[
         list[Pair], list[Pair]]:
     """Training and held-out pairs from a built-in task or TSV files (a tenth held out if no --valid)."""
@@ -183,135 +190,329 @@ def load_corpus(task: str | None, data: str | None, valid: str | None, opts: Tra
     return shuffled[n_valid:], shuffled[:n_valid]
 
 
-def train(task: str | None, data: str | None, valid: str | None, opts: TrainOptions) -> dict[str, Any]:
-    """Train and save the best checkpoint into opts.out; returns the summary written to metrics.json."""
-    random.seed(opts.seed)
-    np.random.seed(opts.seed)
-    torch.manual_seed(opts.seed)
-    device = resolve_device(opts.device)
-    train_pairs, valid_pairs = load_corpus(task, data, valid, opts)
-    tokenizer = train_tokenizer((t for p in train_pairs for t in (p.source, p.target)), vocab_size=opts.vocab_size)
+def _epoch_data(task: str | None, epoch: int, first: Encoded, valid_pairs: list[Pair], tokenizer,  # noqa: ANN001
+                cfg: ModelConfig, opts: TrainOptions) -> Encoded:
+    """The epoch's training pairs: fresh generated pairs every epoch for a task (never the held-out ones)."""
+    if task is None or epoch == 1:
+        return first
+    exclude = {p.source for p in valid_pairs}
+    return Encoded(task_pairs(task, opts.train_size, seed=opts.seed + epoch, exclude=exclude), tokenizer, cfg,
+                   what="training")
+
+
+def _epoch_batches(data: Encoded, epoch: int, opts: TrainOptions, world: World) -> list[list[int]]:
+    """The epoch's global batches: every rank computes the same ones and trains on its rows of each."""
+    batches = data.token_batches(opts.max_tokens * world.size, seed=opts.seed, epoch=epoch)
+    if opts.batch_size is not None:
+        cap = opts.batch_size * world.size
+        batches = [b[i:i + cap] for b in batches for i in range(0, len(b), cap)]
+    if world.distributed:  # a rank with no rows could not take part in the gradient all-reduce
+        batches = [b for b in batches if len(b) >= world.size]
+    return batches
+
+
+def _step_seed(seed: int, step: int, world: World) -> int:
+    """Dropout's seed for one rank's step: a resumed run draws the masks the interrupted one would have."""
+    return (seed * 1_000_003 + step * world.size + world.rank + 1) % (2 ** 63)
+
+
+def train(task: str | None, data: str | None, valid: str | None, opts: TrainOptions, *,
+          state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train (or, given a saved `state`, continue) and save the best checkpoint into opts.out;
+    returns the summary written to metrics.json (on every rank; only rank 0 writes files)."""
+    world, device = init_world(resolve_device(opts.device))
+    try:
+        return _train(task, data, valid, opts, state, world, device)
+    finally:
+        close_world(world)
+
+
+def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOptions,  # noqa: C901, PLR0912, PLR0915
+           state: dict[str, Any] | None, world: World, device: torch.device) -> dict[str, Any]:
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
     if opts.preset not in PRESETS:
         raise SeqserveError(f"--preset: unknown {opts.preset!r}; known: {', '.join(PRESETS)}")
-    dims = {**PRESETS[opts.preset], **opts.overrides}
-    cfg = ModelConfig(vocab_size=tokenizer.get_vocab_size(), max_source_len=opts.max_source_len,
-                      max_target_len=opts.max_target_len, **special_ids(tokenizer), **dims)
-    train_data = Encoded(train_pairs, tokenizer, cfg, what="training")
+    if opts.max_tokens < 1:
+        raise SeqserveError(f"--max-tokens must be at least 1, got {opts.max_tokens}")
+    autocast_dtype = resolve_precision(opts.precision, device)
+    torch.manual_seed(opts.seed)
+    train_pairs, valid_pairs = load_corpus(task, data, valid, opts)
+    if state is not None:
+        tokenizer_json = state["tokenizer"]
+    else:  # trained once, on rank 0, so every rank has the very same vocabulary
+        tokenizer_json = from_main(train_tokenizer((t for p in train_pairs for t in (p.source, p.target)),
+                                                   vocab_size=opts.vocab_size).to_str() if world.is_main else None,
+                                   world)
+    tokenizer = tokenizer_from_str(tokenizer_json)
+    if state is not None:
+        cfg = ModelConfig.from_dict(state["config"])
+    else:
+        dims = {**PRESETS[opts.preset], **opts.overrides}
+        cfg = ModelConfig(vocab_size=tokenizer.get_vocab_size(), max_source_len=opts.max_source_len,
+                          max_target_len=opts.max_target_len, **special_ids(tokenizer), **dims)
+    first_data = Encoded(train_pairs, tokenizer, cfg, what="training")
     valid_data = Encoded(valid_pairs, tokenizer, cfg, what="validation")
     model = Transformer(cfg).to(device)
-    log.info("model: %s parameters, %s", f"{count_parameters(model):,}", cfg)
+    # DDP broadcasts rank 0's initial weights to the others when it wraps the model.
+    net: nn.Module = model
+    if world.distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    steps_per_epoch = len(_epoch_batches(first_data, 1, opts, world))
+    warmup = state["warmup"] if state is not None else (opts.warmup or auto_warmup(opts.epochs * steps_per_epoch))
     optimizer = torch.optim.Adam(model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: noam_lr(step + 1, cfg.d_model, opts.warmup, opts.lr_scale))
-    criterion = nn.CrossEntropyLoss(ignore_index=cfg.pad_id, label_smoothing=opts.label_smoothing)
-    rng = random.Random(opts.seed)
-    opts.out.mkdir(parents=True, exist_ok=True)
-    (opts.out / "tokenizer.json").write_text(tokenizer.to_str(), encoding="utf-8")
+        optimizer, lambda s: scheduled_lr(s + 1, cfg.d_model, warmup, opts.lr_scale))
+    criterion = nn.CrossEntropyLoss(ignore_index=cfg.pad_id, label_smoothing=opts.label_smoothing, reduction="sum")
+    divergence = DivergenceCheck()
+    snapshots = EpochSnapshots(opts.out, opts.average_last) if opts.average_last > 0 else None
     history: dict[str, list] = {"train_loss": [], "valid": []}
     best: dict[str, Any] | None = None
-    step, started = 0, time.perf_counter()
-    from tqdm import tqdm
+    step, start_epoch, start_batch, elapsed_before = 0, 1, 0, 0.0
+    totals = {"target_tokens": 0, "real_tokens": 0, "padded_tokens": 0, "train_seconds": 0.0}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        divergence.load_state_dict(state["divergence"])
+        history, best, totals = state["history"], state["best"], state["totals"]
+        step, start_epoch, start_batch = state["step"], state["next_epoch"], state["next_batch"]
+        elapsed_before = state["elapsed_s"]
+        log.info("resuming %s at epoch %d, step %d", opts.out, start_epoch, step)
+    if world.is_main:
+        opts.out.mkdir(parents=True, exist_ok=True)
+        (opts.out / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+        log.info("model: %s parameters, %s; %s on %s x %d, warm-up %d steps, peak lr %.2e", f"{count_parameters(model):,}",
+                 cfg, "bf16 autocast" if autocast_dtype else "fp32", device.type, world.size, warmup,
+                 scheduled_lr(warmup, cfg.d_model, warmup, opts.lr_scale))
+    started = time.perf_counter() - elapsed_before
+    last_save = time.monotonic()
 
-    for epoch in range(1, opts.epochs + 1):
-        if task is not None and epoch > 1:  # fresh generated pairs every epoch, never the held-out ones
-            exclude = {p.source for p in valid_pairs}
-            train_data = Encoded(task_pairs(task, opts.train_size, seed=opts.seed + epoch, exclude=exclude),
-                                 tokenizer, cfg, what="training")
-        model.train()
-        batches = train_data.batches(opts.batch_size, rng)
-        bar = tqdm(batches, desc=f"epoch {epoch}/{opts.epochs}", unit="batch", file=sys.stderr,
-                   dynamic_ncols=True, mininterval=1.0)
-        tokens_seen, epoch_start = 0, time.perf_counter()
-        for batch in bar:
-            src = _pad([train_data.sources[i] for i in batch], cfg.pad_id).to(device)
-            tgt = _pad([train_data.targets[i] for i in batch], cfg.pad_id).to(device)
-            tgt_in = torch.cat([torch.full_like(tgt[:, :1], cfg.bos_id), tgt[:, :-1]], dim=1)  # shift right
-            logits = model(src, tgt_in)  # (B, T, V)
-            loss = criterion(logits.flatten(0, 1), tgt.flatten())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+    def snapshot(next_epoch: int, next_batch: int) -> None:
+        """Save the whole training state (rank 0), so that a killed run resumes from here."""
+        nonlocal last_save
+        last_save = time.monotonic()
+        if not world.is_main:
+            return
+        save_training_state(opts.out / STATE_FILE, {
+            "task": task, "data": data, "valid": valid, "options": opts.to_dict(), "config": cfg.to_dict(),
+            "tokenizer": tokenizer_json, "warmup": warmup, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "divergence": divergence.state_dict(), "history": history, "best": best, "totals": totals,
+            "step": step, "next_epoch": next_epoch, "next_batch": next_batch,
+            "elapsed_s": time.perf_counter() - started})
+
+    stopped = "epochs"
+    for epoch in range(start_epoch, opts.epochs + 1):
+        train_data = _epoch_data(task, epoch, first_data, valid_pairs, tokenizer, cfg, opts)
+        batches = _epoch_batches(train_data, epoch, opts, world)
+        first = start_batch if epoch == start_epoch else 0
+        progress = Progress(len(batches), f"epoch {epoch}/{opts.epochs}", enabled=world.is_main and opts.progress)
+        progress.update(first)
+        net.train()
+        epoch_counts = {"target_tokens": 0, "real_tokens": 0, "padded_tokens": 0}
+        epoch_start = time.perf_counter()
+        for index in range(first, len(batches)):
+            global_rows = batches[index]
+            batch = collate(train_data, rank_rows(global_rows, world.rank, world.size), cfg)
+            global_target_tokens = sum(len(train_data.targets[i]) for i in global_rows)
+            torch.manual_seed(_step_seed(opts.seed, step, world))
+            src, tgt_in, tgt_out = (t.to(device, non_blocking=True)
+                                    for t in (batch.source, batch.target_in, batch.target_out))
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+                logits = net(src, tgt_in)  # (B, T, V)
+            loss_sum = criterion(logits.float().flatten(0, 1), tgt_out.flatten())
+            # Summed over tokens and divided by the global batch's count: DDP then averages over
+            # ranks, so the step equals one process's on the whole global batch.
+            (loss_sum * (world.size / global_target_tokens)).backward()
+            if opts.clip_norm > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), opts.clip_norm)
             optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
-            tokens_seen += int((tgt != cfg.pad_id).sum())
+            loss_total, real, padded = all_sum([loss_sum.item(), batch.real_tokens, batch.padded_tokens], world, device)
+            loss = loss_total / global_target_tokens
+            divergence.update(step, loss)
+            epoch_counts["target_tokens"] += global_target_tokens
+            epoch_counts["real_tokens"] += int(real)
+            epoch_counts["padded_tokens"] += int(padded)
             if step % 10 == 0:
-                history["train_loss"].append((step, loss.item()))
-                bar.set_postfix(loss=f"{history['train_loss'][-1][1]:.3f}",
-                                tok_s=f"{tokens_seen / (time.perf_counter() - epoch_start):.0f}",
+                history["train_loss"].append((step, loss))
+                seconds = time.perf_counter() - epoch_start
+                progress.update(1, loss=f"{loss:.3f}", tok_s=f"{epoch_counts['target_tokens'] / seconds:.0f}",
+                                pad=f"{1 - epoch_counts['real_tokens'] / epoch_counts['padded_tokens']:.1%}",
                                 lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        bar.close()
-        metrics = {"epoch": epoch, "step": step, "elapsed_s": round(time.perf_counter() - started, 1),
-                   **evaluate(model, valid_data, tokenizer, device)}
-        history["valid"].append(metrics)
-        log.info("epoch %d: exact match %.2f%%, BLEU %.1f, chrF %.1f, valid loss %.3f (%.0f s)", epoch,
-                 100 * metrics["exact_match"], metrics["bleu"], metrics["chrf"], metrics["valid_loss"],
-                 metrics["elapsed_s"])
-        if best is None or (metrics["exact_match"], -metrics["valid_loss"]) > (best["exact_match"], -best["valid_loss"]):
-            best = metrics
-            save_checkpoint(opts.out / "checkpoint.pt", Checkpoint(
-                config=cfg, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                tokenizer_json=tokenizer.to_str(), validation=valid_pairs[:200],
-                metrics={"task": task or str(data), **best}))
-        plot_learning_curve(history, opts.out / "learning_curve.png")
-        if opts.target_exact_match is not None and metrics["exact_match"] >= opts.target_exact_match:
-            log.info("reached target exact match %.2f%%", 100 * opts.target_exact_match)
-            break
-        # Stop before an epoch that would not finish within the budget (judged by the last one).
-        elapsed = time.perf_counter() - started
+            else:
+                progress.update(1)
+            if (opts.save_every and step % opts.save_every == 0) or time.monotonic() - last_save > SAVE_INTERVAL_S:
+                snapshot(epoch, index + 1)
+        progress.close()
         epoch_seconds = time.perf_counter() - epoch_start
-        if opts.max_minutes is not None and elapsed + epoch_seconds > 60 * opts.max_minutes:
-            log.info("stopping: another epoch would pass the %.1f min budget", opts.max_minutes)
+        for k, v in epoch_counts.items():
+            totals[k] += v
+        totals["train_seconds"] += epoch_seconds
+        decision = None
+        if world.is_main:
+            metrics = {"epoch": epoch, "step": step, "elapsed_s": round(time.perf_counter() - started, 1),
+                       **evaluate(model, valid_data, tokenizer, device),
+                       "target_tokens_per_s": round(epoch_counts["target_tokens"] / max(epoch_seconds, 1e-9)),
+                       "padding_share": round(1 - epoch_counts["real_tokens"] / max(1, epoch_counts["padded_tokens"]), 4),
+                       "lr": scheduler.get_last_lr()[0]}
+            history["valid"].append(metrics)
+            log.info("epoch %d: exact match %.2f%%, BLEU %.1f, chrF %.1f, valid loss %.3f; %.0f target tokens/s, "
+                     "%.1f%% padding (%.0f s)", epoch, 100 * metrics["exact_match"], metrics["bleu"], metrics["chrf"],
+                     metrics["valid_loss"], metrics["target_tokens_per_s"], 100 * metrics["padding_share"],
+                     metrics["elapsed_s"])
+            if best is None or (metrics["exact_match"], -metrics["valid_loss"]) > (best["exact_match"], -best["valid_loss"]):
+                best = metrics
+                save_checkpoint(opts.out / "checkpoint.pt", Checkpoint(
+                    config=cfg, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    tokenizer_json=tokenizer_json, validation=valid_pairs[:200],
+                    metrics={"task": task or str(data), **best}))
+            if snapshots is not None:
+                snapshots.add(epoch, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+            plot_learning_curve(history, opts.out / "learning_curve.png")
+            elapsed = time.perf_counter() - started
+            if opts.target_exact_match is not None and metrics["exact_match"] >= opts.target_exact_match:
+                log.info("reached target exact match %.2f%%", 100 * opts.target_exact_match)
+                decision = "target"
+            # Stop before an epoch that would not finish within the budget (judged by the last one).
+            elif (opts.max_minutes is not None and epoch < opts.epochs
+                  and elapsed + (time.perf_counter() - epoch_start) > 60 * opts.max_minutes):
+                log.info("stopping: another epoch would pass the %.1f min budget", opts.max_minutes)
+                decision = "budget"
+        decision, best = from_main((decision, best), world)
+        snapshot(epoch + 1, 0)
+        if decision is not None:
+            stopped = decision
             break
     summary = {"best": best, "history": history["valid"], "train_loss": history["train_loss"],
-               "parameters": count_parameters(model),
-               "config": cfg.to_dict(), "train_seconds": round(time.perf_counter() - started, 1)}
-    (opts.out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+               "parameters": count_parameters(model), "config": cfg.to_dict(), "stopped": stopped,
+               "train_seconds": round(time.perf_counter() - started, 1), "world_size": world.size,
+               "precision": "bf16" if autocast_dtype else "fp32", "warmup": warmup,
+               "throughput": {"target_tokens_per_s": round(totals["target_tokens"] / max(totals["train_seconds"], 1e-9)),
+                              "padding_share": round(1 - totals["real_tokens"] / max(1, totals["padded_tokens"]), 4),
+                              "median_epoch_target_tokens_per_s": statistics.median(
+                                  [v["target_tokens_per_s"] for v in history["valid"]] or [0])}}
+    if world.is_main:
+        if snapshots is not None and snapshots.paths():
+            summary["averaged"] = _average(snapshots, cfg, valid_data, valid_pairs, tokenizer, tokenizer_json, device,
+                                           task or str(data), opts)
+        (opts.out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def _average(snapshots: EpochSnapshots, cfg: ModelConfig, valid_data: Encoded, valid_pairs: list[Pair],  # noqa: PLR0913
+             tokenizer, tokenizer_json: str, device: torch.device, source: str,  # noqa: ANN001
+             opts: TrainOptions) -> dict[str, Any]:
+    """Average the kept epochs' weights, evaluate them and save averaged.pt beside checkpoint.pt."""
+    weights, epochs = snapshots.average()
+    model = Transformer(cfg).to(device)
+    model.load_state_dict(weights)
+    metrics = {"epochs": epochs, **evaluate(model, valid_data, tokenizer, device)}
+    save_checkpoint(opts.out / "averaged.pt", Checkpoint(config=cfg, state_dict=weights, tokenizer_json=tokenizer_json,
+                                                         validation=valid_pairs[:200],
+                                                         metrics={"task": source, "averaged_epochs": epochs, **metrics}))
+    log.info("average of epochs %s: exact match %.2f%%, BLEU %.1f, valid loss %.3f (averaged.pt)",
+             ",".join(map(str, epochs)), 100 * metrics["exact_match"], metrics["bleu"], metrics["valid_loss"])
+    return metrics
+
+
+def resume(run_dir: Path, **changes: Any) -> dict[str, Any]:
+    """Continue the run saved in `run_dir` where it stopped; `changes` may raise epochs or the budget."""
+    state = load_training_state(run_dir)
+    saved = dict(state["options"])
+    saved.update({k: v for k, v in changes.items() if v is not None})
+    saved["out"] = Path(run_dir)
+    opts = TrainOptions(**saved)
+    if state["next_epoch"] > opts.epochs:
+        raise SeqserveError(f"{run_dir}: the run already finished its {opts.epochs} epochs; "
+                            "pass --epochs to train for more")
+    return train(state["task"], state["data"], state["valid"], opts, state=state)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags of `seqserve train`."""
-    p = argparse.ArgumentParser(prog="seqserve train", description=__doc__)
+    p = argparse.ArgumentParser(prog="seqserve train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--task", help=f"built-in task ({', '.join(TASKS)})")
     src.add_argument("--data", help="TSV training corpus: source<TAB>target per line, UTF-8")
-    p.add_argument("--valid", help="TSV validation corpus (default: a tenth of --data held out)")
-    p.add_argument("--out", required=True, type=Path, help="output folder: checkpoint.pt, tokenizer.json, "
-                   "metrics.json, learning_curve.png")
+    src.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                     help="continue the interrupted run in RUN_DIR (its data and options; --epochs, "
+                          "--max-minutes and --target-exact-match may be changed)")
+    p.add_argument("--valid", help="TSV validation corpus (default: a tenth of --data held out, at most 1000)")
+    p.add_argument("--out", type=Path, help="output folder: checkpoint.pt, tokenizer.json, "
+                   "metrics.json, learning_curve.png, training_state.pt")
     p.add_argument("--preset", default="demo", help=f"model size: {', '.join(PRESETS)} (default demo)")
     for dim in ("d_model", "encoder_layers", "decoder_layers", "n_heads", "d_ff"):
         p.add_argument(f"--{dim.replace('_', '-')}", type=int, help=f"override the preset's {dim}")
     p.add_argument("--dropout", type=float, help="override the preset's dropout")
-    p.add_argument("--epochs", type=int, default=10, help="passes over the data (default 10)")
-    p.add_argument("--batch-size", type=int, default=128, help="pairs per batch (default 128)")
+    p.add_argument("--epochs", type=int, help="passes over the data (default 10)")
+    p.add_argument("--max-tokens", type=int, default=4096,
+                   help="padded tokens per batch and device, longer side (default 4096)")
+    p.add_argument("--batch-size", type=int, help="also cap pairs per batch and device (default: no cap)")
     p.add_argument("--train-size", type=int, default=40_000, help="pairs generated per epoch, built-in task")
     p.add_argument("--valid-size", type=int, default=1_000, help="held-out pairs, built-in task (default 1000)")
     p.add_argument("--vocab-size", type=int, default=8_000, help="tokenizer vocabulary ceiling (default 8000)")
     p.add_argument("--max-source-len", type=int, default=256, help="longest source in tokens (default 256)")
     p.add_argument("--max-target-len", type=int, default=256, help="longest target in tokens (default 256)")
-    p.add_argument("--warmup", type=int, default=400, help="warm-up steps of the schedule (default 400)")
-    p.add_argument("--lr-scale", type=float, default=1.0, help="factor on the paper's schedule (default 1)")
+    p.add_argument("--warmup", type=int, help="warm-up steps (default: 5%% of the planned steps, 50-4000)")
+    p.add_argument("--lr-scale", type=float, default=1.0,
+                   help="factor on the peak learning rate, d_model^-0.5 * 4000^-0.5 (default 1)")
+    p.add_argument("--clip-norm", type=float, default=1.0, help="gradient norm clipping, 0 for none (default 1)")
     p.add_argument("--label-smoothing", type=float, default=0.1, help="(default 0.1, as in the paper)")
     p.add_argument("--seed", type=int, default=0, help="seed for data, initialization and order (default 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default auto)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="bf16 autocast or fp32 (default auto: bf16 where the hardware has it)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's, one per core)")
     p.add_argument("--max-minutes", type=float, help="time budget: no epoch starts that would end past it")
     p.add_argument("--target-exact-match", type=float, help="stop once validation exact match reaches this (0-1)")
+    p.add_argument("--average-last", type=int, default=0, metavar="N",
+                   help="also save averaged.pt, the mean of the last N epochs' weights (default 0: off)")
+    p.add_argument("--save-every", type=int, default=0, metavar="STEPS",
+                   help="save the training state every STEPS steps too (default: each epoch and every 5 minutes)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `seqserve train`."""
-    args = build_parser().parse_args(argv)
-    overrides = {k: getattr(args, k) for k in ("d_model", "encoder_layers", "decoder_layers", "n_heads", "d_ff",
-                                              "dropout") if getattr(args, k) is not None}
-    opts = TrainOptions(out=args.out, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,
-                        train_size=args.train_size, valid_size=args.valid_size, vocab_size=args.vocab_size,
-                        warmup=args.warmup, lr_scale=args.lr_scale, label_smoothing=args.label_smoothing,
-                        seed=args.seed, device=args.device, max_minutes=args.max_minutes,
-                        target_exact_match=args.target_exact_match, max_source_len=args.max_source_len,
-                        max_target_len=args.max_target_len, overrides=overrides)
-    summary = train(args.task, args.data, args.valid, opts)
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.resume is not None:
+        summary = resume(args.resume, epochs=args.epochs, max_minutes=args.max_minutes,
+                         target_exact_match=args.target_exact_match)
+        out = args.resume
+    else:
+        if args.out is None:
+            p.error("--out is required (except with --resume)")
+        overrides = {k: getattr(args, k) for k in ("d_model", "encoder_layers", "decoder_layers", "n_heads", "d_ff",
+                                                  "dropout") if getattr(args, k) is not None}
+        opts = TrainOptions(out=args.out, preset=args.preset, epochs=args.epochs or 10, max_tokens=args.max_tokens,
+                            batch_size=args.batch_size, train_size=args.train_size, valid_size=args.valid_size,
+                            vocab_size=args.vocab_size, warmup=args.warmup, lr_scale=args.lr_scale,
+                            clip_norm=args.clip_norm, label_smoothing=args.label_smoothing, seed=args.seed,
+                            device=args.device, precision=args.precision, threads=args.threads,
+                            max_minutes=args.max_minutes, target_exact_match=args.target_exact_match,
+                            max_source_len=args.max_source_len, max_target_len=args.max_target_len,
+                            average_last=args.average_last, save_every=args.save_every, overrides=overrides)
+        summary = train(args.task, args.data, args.valid, opts)
+        out = args.out
     best = summary["best"]
-    print(f"best: epoch {best['epoch']}, exact match {100 * best['exact_match']:.2f}%, BLEU {best['bleu']:.1f}, "
-          f"chrF {best['chrf']:.1f}; {summary['train_seconds']:.0f} s; checkpoint {opts.out / 'checkpoint.pt'}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"best: epoch {best['epoch']}, exact match {100 * best['exact_match']:.2f}%, BLEU {best['bleu']:.1f}, "
+              f"chrF {best['chrf']:.1f}; {summary['train_seconds']:.0f} s, "
+              f"{summary['throughput']['target_tokens_per_s']} target tokens/s; checkpoint {out / 'checkpoint.pt'}")
+        if "averaged" in summary:
+            avg = summary["averaged"]
+            print(f"averaged epochs {','.join(map(str, avg['epochs']))}: exact match {100 * avg['exact_match']:.2f}%, "
+                  f"BLEU {avg['bleu']:.1f}; checkpoint {out / 'averaged.pt'}")
     return 0
+
+
+if __name__ == "__main__":  # torchrun -m seqserve.model.train ... (same flags as `seqserve train`)
+    from seqserve.server.cli import main as cli_main
+
+    sys.exit(cli_main(["train", *sys.argv[1:]]))

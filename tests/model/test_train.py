@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from seqserve.model.checkpoint import load_checkpoint
-from seqserve.model.train import TrainOptions, noam_lr, train
+from seqserve.model.schedule import auto_warmup, noam_lr, peak_lr, scheduled_lr
+from seqserve.model.train import TrainOptions, train
 from seqserve.server.cli import main as seqserve
 
 
@@ -18,6 +19,16 @@ def test_noam_schedule_warms_up_then_decays() -> None:
     lrs = [noam_lr(s, 512, 4000) for s in (1, 2000, 4000, 8000, 16000)]
     assert lrs[0] < lrs[1] < lrs[2] and lrs[2] > lrs[3] > lrs[4]
     assert lrs[2] == pytest.approx(512 ** -0.5 * 4000 ** -0.5)
+
+
+def test_schedule_is_the_papers_at_its_warmup_and_keeps_its_peak_for_short_warmups() -> None:
+    for step in (1, 100, 4000, 9000):
+        assert scheduled_lr(step, 512, 4000) == pytest.approx(noam_lr(step, 512, 4000))
+    # A short warm-up (a small corpus) reaches the same peak as the paper's, not a higher one.
+    assert max(scheduled_lr(s, 128, 60) for s in range(1, 500)) == pytest.approx(peak_lr(128))
+    assert max(noam_lr(s, 128, 60) for s in range(1, 500)) > 8 * peak_lr(128)
+    assert scheduled_lr(240, 128, 60) == pytest.approx(peak_lr(128) / 2)  # inverse square root after it
+    assert [auto_warmup(n) for n in (10, 2000, 40_000, 10 ** 6)] == [50, 100, 2000, 4000]
 
 
 def test_training_writes_checkpoint_metrics_plot_and_tokenizer(trained_dir: Path) -> None:
@@ -39,6 +50,10 @@ def test_training_writes_checkpoint_metrics_plot_and_tokenizer(trained_dir: Path
     assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3
     uniform_guess = math.log(metrics["config"]["vocab_size"])
     assert metrics["best"]["valid_loss"] < 0.5 * uniform_guess
+    # Throughput in the summary and per epoch: target tokens per second and the padding share.
+    assert metrics["throughput"]["target_tokens_per_s"] > 0
+    assert 0.0 <= metrics["throughput"]["padding_share"] < 0.5
+    assert all(v["target_tokens_per_s"] > 0 and 0 <= v["padding_share"] < 1 for v in metrics["history"])
 
 
 def _write_tsv(path: Path, n: int) -> Path:
