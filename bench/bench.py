@@ -8,8 +8,9 @@ warm-up call, then blocks of back-to-back calls (each block >= 0.5 s) until the 
 spent; the figure is the median call time over blocks. Blocks during which other processes used
 more than 5% of a core are counted as contended and left out when clean ones exist.
 
-With `--peers`, the same run measures CTranslate2 (and any other peer engine) through
-../shared/peers at the same dimensions, batch sizes and thread count, and reports the ratios.
+With `--peers`, the same run measures CTranslate2 (`seqserve.bench.peers`: a random-weight model
+of the same dimensions, built from them; needs the `peers` extra) with the same source lengths,
+batch sizes, token count, thread count and timing, and reports the ratios.
 """
 
 from __future__ import annotations
@@ -23,14 +24,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-PRESETS: dict[str, dict[str, int]] = {  # the peer harness's sizes (../shared/peers/models.py)
+PRESETS: dict[str, dict[str, int]] = {  # a small model, and the paper's base dims with a 32k vocabulary
     "small": dict(d_model=256, encoder_layers=3, decoder_layers=3, n_heads=4, d_ff=1024, vocab_size=8000),
     "base": dict(d_model=512, encoder_layers=6, decoder_layers=6, n_heads=8, d_ff=2048, vocab_size=32000),
 }
 DEFAULT_CACHE = Path(os.environ.get("SEQSERVE_BENCH_CACHE", Path.home() / ".cache" / "seqserve" / "bench"))
-DEFAULT_PEERS = Path(__file__).resolve().parents[1].parent / "shared" / "peers"
 
 
 def cpu_time_ticks(pid: int | None = None) -> int:
@@ -42,21 +42,56 @@ def cpu_time_ticks(pid: int | None = None) -> int:
     return int(stat[11]) + int(stat[12])  # utime + stime
 
 
-def _peak_rss_mb() -> int:
+def peak_rss_mb() -> int:
+    """This process's peak resident memory (VmHWM), in MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) // 1024
     return 0
 
 
+def source_ids(vocab_size: int, batch: int, source_len: int) -> list[list[int]]:
+    """The random source ids every engine decodes from (seed 0; ids 0-3 are the special tokens)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return [[int(i) for i in rng.integers(4, vocab_size, source_len)] for _ in range(batch)]
+
+
+def timed_blocks(call: Callable[[], None], *, budget: float, min_reps: int, max_reps: int,
+                 after_warmup: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Time `call`: one warm-up call, then blocks of back-to-back calls (each about 0.5 s) until
+    `budget` seconds and at least `min_reps` blocks (at most `max_reps`). A block during which other
+    processes used more than 5% of a core is contended, and left out when clean blocks exist.
+    Returns the median seconds per call over blocks, and how the blocks went."""
+    start = time.perf_counter()
+    call()
+    warmup_s = time.perf_counter() - start
+    if after_warmup is not None:
+        after_warmup()
+    per_block = max(1, int(0.5 / max(warmup_s, 1e-3)))
+    me, cpu_ticks = os.getpid(), os.sysconf("SC_CLK_TCK")
+    blocks: list[tuple[float, bool]] = []
+    deadline = time.perf_counter() + budget
+    while len(blocks) < max_reps and (len(blocks) < min_reps or time.perf_counter() < deadline):
+        machine, own = cpu_time_ticks(), cpu_time_ticks(me)
+        start = time.perf_counter()
+        for _ in range(per_block):
+            call()
+        elapsed = time.perf_counter() - start
+        others = (cpu_time_ticks() - machine) - (cpu_time_ticks(me) - own)
+        blocks.append((elapsed / per_block, others / cpu_ticks > 0.05 * elapsed))
+    clean = [t for t, contended in blocks if not contended]
+    return {"median_s": statistics.median(clean or [t for t, _ in blocks]), "reps": f"{len(blocks)}x{per_block}",
+            "contended_blocks": sum(c for _, c in blocks), "clean": bool(clean), "warmup_s": round(warmup_s, 3)}
+
+
 def measure(model_dir: str, *, batch: int, new_tokens: int, source_len: int, threads: int, budget: float,
             min_reps: int, max_reps: int, device: str = "cpu", spinning: str = "on",
             io_binding: str = "auto") -> dict[str, Any]:
     """Median time of one call (encoder + exactly new_tokens steps for `batch` inputs); runs in a child."""
-    import numpy as np
-
-    from seqserve.server.engine import OnnxSeq2Seq
-    from seqserve.server.generation import GenerationParams
+    from seqserve.runtime.engine import OnnxSeq2Seq
+    from seqserve.runtime.generation import GenerationParams
     from seqserve.server.scheduler import Scheduler
 
     class StepTimes:
@@ -75,8 +110,7 @@ def measure(model_dir: str, *, batch: int, new_tokens: int, source_len: int, thr
     engine = OnnxSeq2Seq(model_dir, device=device, intra_op_threads=threads, spinning=spinning,  # type: ignore[arg-type]
                          io_binding=io_binding)  # type: ignore[arg-type]
     load_s = time.perf_counter() - load_start
-    rng = np.random.default_rng(0)
-    sources = [list(rng.integers(4, engine.config.vocab_size, source_len)) for _ in range(batch)]
+    sources = source_ids(engine.config.vocab_size, batch, source_len)
     params = GenerationParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     times = StepTimes()
     scheduler = Scheduler(engine, max_batch_size=batch, max_queue=batch, observer=times)
@@ -89,39 +123,32 @@ def measure(model_dir: str, *, batch: int, new_tokens: int, source_len: int, thr
             if len(tokens) != new_tokens:
                 raise RuntimeError(f"expected {new_tokens} tokens, got {len(tokens)}")
 
-    start = time.perf_counter()
-    call()
-    warmup_s = time.perf_counter() - start
-    per_block = max(1, int(0.5 / max(warmup_s, 1e-3)))
-    me, cpu_ticks = os.getpid(), os.sysconf("SC_CLK_TCK")
-    blocks: list[tuple[float, bool]] = []
-    times.step = times.run = 0.0
-    deadline = time.perf_counter() + budget
-    while len(blocks) < max_reps and (len(blocks) < min_reps or time.perf_counter() < deadline):
-        machine, own = cpu_time_ticks(), cpu_time_ticks(me)
-        start = time.perf_counter()
-        for _ in range(per_block):
-            call()
-        elapsed = time.perf_counter() - start
-        others = (cpu_time_ticks() - machine) - (cpu_time_ticks(me) - own)
-        blocks.append((elapsed / per_block, others / cpu_ticks > 0.05 * elapsed))
+    def reset() -> None:
+        times.step = times.run = 0.0
+
+    timing = timed_blocks(call, budget=budget, min_reps=min_reps, max_reps=max_reps, after_warmup=reset)
     scheduler.stop()
-    clean = [t for t, contended in blocks if not contended]
-    median = statistics.median(clean or [t for t, _ in blocks])
+    median = timing.pop("median_s")
     return {
         "engine": "seqserve", "batch": batch, "src_len": source_len, "new_tokens": new_tokens, "threads": threads,
         "ms_per_step": round(1e3 * median / new_tokens, 3), "tok_per_s": round(batch * new_tokens / median, 1),
-        "spinning": spinning, "kv_cache_on_device": engine.device_cache is not None, "median_s": round(median, 4), "reps": f"{len(blocks)}x{per_block}",
-        "contended_blocks": sum(c for _, c in blocks), "clean": bool(clean),
-        "python_share": round(1 - times.run / times.step, 3) if times.step else None,
-        "peak_rss_mb": _peak_rss_mb(), "load_s": round(load_s, 2), "warmup_s": round(warmup_s, 3),
-        "providers": engine.providers,
+        "spinning": spinning, "kv_cache_on_device": engine.device_cache is not None, "median_s": round(median, 4),
+        **timing, "python_share": round(1 - times.run / times.step, 3) if times.step else None,
+        "peak_rss_mb": peak_rss_mb(), "load_s": round(load_s, 2), "providers": engine.providers,
     }
+
+
+def model_dims(model_dir: Path) -> dict[str, int]:
+    """The dims a peer engine needs to build the same model, from a model directory's config.json."""
+    from seqserve.runtime import names
+
+    model = json.loads((model_dir / names.CONFIG_FILE).read_text())["model"]
+    return {k: int(model[k]) for k in ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "n_heads", "d_ff")}
 
 
 def ensure_model_dir(dims: dict[str, int], quantize: str | None, cache: Path) -> Path:
     """The exported random-weight model for these dims, exporting it (in a subprocess) if not cached."""
-    from seqserve.export import names
+    from seqserve.runtime import names
 
     key = json.dumps({"dims": dims, "quantize": quantize, "format": names.FORMAT_VERSION,
                       "weights": names.WEIGHTS_SUFFIX}, sort_keys=True)
@@ -136,17 +163,6 @@ def ensure_model_dir(dims: dict[str, int], quantize: str | None, cache: Path) ->
         if proc.returncode:
             raise SystemExit(f"seqserve bench: export failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     return out
-
-
-def run_peers(peers_dir: Path, python: str, size: str, batches: list[int], engines: list[str], args: argparse.Namespace) -> list[dict]:
-    """Measure peer engines with ../shared/peers (its own virtual environment); JSON records."""
-    cmd = [python, str(peers_dir / "peers.py"), "--size", size, "--batch", *map(str, batches), "--engines", *engines,
-           "--src-len", str(args.source_len), "--new-tokens", str(args.new_tokens), "--budget", str(args.budget)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=peers_dir)
-    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode or not records:
-        raise SystemExit(f"seqserve bench: peers harness failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    return records
 
 
 def table(rows: list[dict], reference: dict[int, dict], int8_reference: dict[int, dict] | None = None) -> str:
@@ -190,9 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"exported models (default {DEFAULT_CACHE})")
     p.add_argument("--json", type=Path, help="also write the records here, one JSON object per line")
     p.add_argument("--peers", nargs="*", metavar="ENGINE",
-                   help="also measure peer engines (default ct2_fp32, plus ct2_int8 with --quantize) in this run")
-    p.add_argument("--peers-dir", type=Path, default=DEFAULT_PEERS, help="the peer harness (default ../shared/peers)")
-    p.add_argument("--peers-python", default="/tmp/peers-venv/bin/python", help="its interpreter (see its setup.sh)")
+                   help="also measure CTranslate2 at the same dims in this run: ct2_fp32, ct2_int8 (default "
+                        "ct2_fp32, plus ct2_int8 with --quantize); needs the peers extra (ctranslate2)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -208,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     label = args.preset if not (args.dims or args.model_dir) else str(model_dir.name)
     rows: list[dict] = []
     for batch in args.batch:
-        cmd = [sys.executable, "-m", "seqserve.server.bench", "--child", "--model-dir", str(model_dir),
+        cmd = [sys.executable, "-m", "seqserve.bench.bench", "--child", "--model-dir", str(model_dir),
                "--batch", str(batch), "--new-tokens", str(args.new_tokens), "--source-len", str(args.source_len),
                "--threads", str(args.threads), "--budget", str(args.budget), "--min-reps", str(args.min_reps),
                "--max-reps", str(args.max_reps), "--device", args.device, "--spinning", args.spinning,
@@ -223,11 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     reference: dict[int, dict] = {}
     int8_reference: dict[int, dict] = {}
     if args.peers is not None:
-        if args.dims or args.model_dir:
-            raise SystemExit("seqserve bench: --peers needs --preset (the peers only build the preset dimensions)")
+        from seqserve.bench import peers
+
         engines = args.peers or (["ct2_fp32", "ct2_int8"] if args.quantize else ["ct2_fp32"])
-        for record in run_peers(args.peers_dir, args.peers_python, args.preset, args.batch, engines, args):
-            record = {**record, "dims": label, "threads": args.threads}
+        for record in peers.run(engines, model_dims(model_dir), batches=args.batch, new_tokens=args.new_tokens,
+                                source_len=args.source_len, threads=args.threads, budget=args.budget,
+                                min_reps=args.min_reps, max_reps=args.max_reps, cache=args.cache_dir):
+            record = {**record, "dims": label}
             print(json.dumps(record), flush=True)
             if "error" not in record:
                 rows.append(record)
