@@ -287,6 +287,8 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
                  scheduled_lr(warmup, cfg.d_model, warmup, opts.lr_scale))
     started = time.perf_counter() - elapsed_before
     last_save = time.monotonic()
+    epoch_counts: dict[str, int] = {}
+    epoch_start = time.perf_counter()
 
     def snapshot(next_epoch: int, next_batch: int) -> None:
         """Save the whole training state (rank 0), so that a killed run resumes from here."""
@@ -300,6 +302,7 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "divergence": divergence.state_dict(), "history": history, "best": best, "totals": totals,
             "step": step, "next_epoch": next_epoch, "next_batch": next_batch,
+            "epoch_counts": epoch_counts if next_batch else {}, "epoch_seconds": time.perf_counter() - epoch_start,
             "elapsed_s": time.perf_counter() - started})
 
     stopped = "epochs"
@@ -312,6 +315,9 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
         net.train()
         epoch_counts = {"target_tokens": 0, "real_tokens": 0, "padded_tokens": 0}
         epoch_start = time.perf_counter()
+        if first and state is not None:  # resumed mid-epoch: the epoch's figures so far
+            epoch_counts.update(state["epoch_counts"])
+            epoch_start -= state["epoch_seconds"]
         for index in range(first, len(batches)):
             global_rows = batches[index]
             batch = collate(train_data, rank_rows(global_rows, world.rank, world.size), cfg)
