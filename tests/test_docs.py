@@ -212,6 +212,16 @@ def test_flags_named_in_the_docs_exist(doc: Path) -> None:
     assert not unknown, f"{doc.relative_to(ROOT)} names flags no --help has:\n  " + "\n  ".join(unknown)
 
 
+def test_configuration_table_variables_are_the_flags_variables() -> None:
+    """Every SEQSERVE_* variable the README's configuration table names belongs to a serve flag."""
+    table = section(README.read_text(), "Configuration")
+    names = set(re.findall(r"SEQSERVE_([A-Z0-9_]+)", table))
+    assert len(names) > 10
+    flags = help_flags(("seqserve", "serve"))
+    unknown = sorted(f"SEQSERVE_{n}" for n in names if "--" + n.lower().replace("_", "-") not in flags)
+    assert not unknown, f"README configuration table names variables of no flag: {unknown}"
+
+
 def test_the_flag_check_sees_flags() -> None:
     uses = list(flag_uses(README))
     assert any(u.flag == "--max-queue" and u.context == "seqserve serve" for u in uses)
