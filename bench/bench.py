@@ -9,8 +9,9 @@ spent; the figure is the median call time over blocks. Blocks during which other
 more than 5% of a core are counted as contended and left out when clean ones exist.
 
 With `--peers`, the same run measures CTranslate2 (`seqserve.bench.peers`: a random-weight model
-of the same dimensions, built from them; needs the `peers` extra) with the same source lengths,
-batch sizes, token count, thread count and timing, and reports the ratios.
+of the same dimensions, built from them; needs the `peers` extra), and optionally Hugging Face
+transformers (`--peers hf`), with the same source lengths, batch sizes, token count, thread count
+and timing, and reports the ratios.
 """
 
 from __future__ import annotations
@@ -206,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"exported models (default {DEFAULT_CACHE})")
     p.add_argument("--json", type=Path, help="also write the records here, one JSON object per line")
     p.add_argument("--peers", nargs="*", metavar="ENGINE",
-                   help="also measure CTranslate2 at the same dims in this run: ct2_fp32, ct2_int8 (default "
-                        "ct2_fp32, plus ct2_int8 with --quantize); needs the peers extra (ctranslate2)")
+                   help="also measure peer engines at the same dims in this run: ct2_fp32, ct2_int8 (CTranslate2, "
+                        "the peers extra), hf (Hugging Face transformers with torch); default ct2_fp32, plus "
+                        "ct2_int8 with --quantize")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 

@@ -6,7 +6,7 @@ without it is tested everywhere.
 
 from __future__ import annotations
 
-import builtins
+import importlib.util
 import json
 from pathlib import Path
 
@@ -20,15 +20,11 @@ TINY = dict(vocab_size=300, d_model=32, encoder_layers=1, decoder_layers=2, n_he
 
 
 def test_without_ctranslate2_the_peers_name_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_import = builtins.__import__
-
-    def no_ctranslate2(name: str, *args: object, **kwargs: object) -> object:
-        if name == "ctranslate2":
-            raise ImportError("no ctranslate2 here")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_ctranslate2)
-    assert "seqserve[peers]" in (peers.available() or "")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("ctranslate2", "transformers") else real_find_spec(name, *a))
+    assert "seqserve[peers]" in (peers.available(["ct2_fp32"]) or "")
+    assert "transformers" in (peers.available(["hf"]) or "")
     with pytest.raises(SystemExit, match="seqserve\\[peers\\]"):
         peers.run(["ct2_fp32"], TINY, batches=[1], new_tokens=4, source_len=3, threads=1, budget=0.1,
                   min_reps=1, max_reps=1, cache=Path("/nonexistent"))
@@ -73,3 +69,13 @@ def test_bench_measures_ctranslate2_beside_seqserve(model_dir: Path, tmp_path: P
         assert r["new_tokens"] == 6 and r["ms_per_step"] > 0 and r["peak_rss_mb"] > 0 and r["threads"] == 1
     table = capsys.readouterr().out
     assert "vs CT2 int8" in table and "| 1.00x | " in table
+
+
+def test_hf_peer_decodes_exactly_the_asked_tokens(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    records = peers.run(["hf"], TINY, batches=[2], new_tokens=5, source_len=4, threads=1, budget=0.1,
+                        min_reps=1, max_reps=1, cache=tmp_path)
+    assert "error" not in records[0], records[0]
+    assert records[0]["engine"] == "hf" and records[0]["new_tokens"] == 5 and records[0]["ms_per_step"] > 0
+    assert "transformers" in records[0]["version"]
