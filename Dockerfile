@@ -58,7 +58,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY model/ model/
 COPY export/ export/
+COPY runtime/ runtime/
 COPY server/ server/
+COPY bench/ bench/
 COPY client/ client/
 COPY proto/ proto/
 

@@ -9,7 +9,7 @@ each (`--unary CALLERSxINPUTS`): the batch full without a message per token, whi
 served decoding loop does when the per-stream gRPC work is out of the way.
 
 Then (`--transport-floor on`, the default) the same levels go to a server with no model behind it
-(`seqserve.server.transport_floor`): what gRPC and the client alone reach on this machine, so the
+(`seqserve.bench.transport_floor`): what gRPC and the client alone reach on this machine, so the
 report can say how much of the CPU the transport takes before any decoding (`floor_*` fields).
 """
 
@@ -104,7 +104,7 @@ async def measure_levels(port: int, metrics_port: int | None, levels: list[tuple
     from seqserve.client.loadgen import LoadSpec, run_load, warm_up
     from seqserve.client.loadreport import summarize
     from seqserve.model.data import dates_pairs
-    from seqserve.server.bench import cpu_time_ticks
+    from seqserve.bench.bench import cpu_time_ticks
 
     ticks = os.sysconf("SC_CLK_TCK")
 
@@ -190,13 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0, help="seconds per level (default 10)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per level (default 2)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens per request, exactly (default 16)")
-    p.add_argument("--threads", type=int, default=0, help="server's ONNX Runtime intra-op threads (default all cores)")
+    p.add_argument("--threads", type=int, help="server's --intra-op-threads (default: the server's own choice)")
     p.add_argument("--max-batch-size", type=int, default=32, help="server's max batch size (default 32)")
-    p.add_argument("--spinning", choices=("on", "run", "off"), default="on",
-                   help="server's --intra-op-spinning (default on)")
-    p.add_argument("--stream-interval", type=int, default=1, help="server's --stream-interval (default 1)")
-    p.add_argument("--worker-process", choices=("on", "off"), default="off",
-                   help="server's --worker-process (default off)")
+    p.add_argument("--spinning", choices=("on", "run", "off"), help="server's --intra-op-spinning (default: the "
+                   "server's)")
+    p.add_argument("--stream-interval", type=int, help="server's --stream-interval (default: the server's)")
+    p.add_argument("--engine-core", choices=("process", "thread"), help="server's --engine-core (default: the "
+                   "server's)")
+    p.add_argument("--frontends", default="", metavar="N[,N...]",
+                   help="server's --frontends; several, comma-separated, measure one server each (default: the "
+                        "server's)")
     p.add_argument("--unary", default="2x16", metavar="CALLERSxINPUTS",
                    help="last level: unary calls of this many inputs from this many callers (default 2x16; "
                         "'none' to skip)")
@@ -209,52 +212,63 @@ def main(argv: list[str] | None = None) -> int:
     if args.unary != "none":
         callers, _, inputs = args.unary.partition("x")
         levels.append(("unary", int(callers), int(inputs)))
-    port, metrics_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "seqserve.server.cli", "serve", args.model_dir, "--host", "127.0.0.1",
-           "--port", str(port), "--metrics-port", str(metrics_port), "--intra-op-threads", str(args.threads),
-           "--max-batch-size", str(args.max_batch_size), "--intra-op-spinning", args.spinning,
-           "--stream-interval", str(args.stream_interval), "--worker-process", args.worker_process,
-           "--max-queue", str(max(128, 2 * max(c * k for _, c, k in levels))),
-           "--max-inputs-per-request", str(max(32, *(k for _, _, k in levels))),
-           "--log-level", "warning"]
-    served = run_server(cmd, port, metrics_port, levels, args)
-    report = {"model_dir": args.model_dir, **{k: v for k, v in served.items() if k != "levels"},
-              "cores": os.cpu_count(), "spinning": args.spinning, "worker_process": args.worker_process,
-              "stream_interval": args.stream_interval, "levels": served["levels"]}
-    rows = served["levels"]
-    streams = [r for r in rows if r["kind"] == "stream"]
-    first = streams[0]["output_tokens_per_s"] if len(streams) > 1 else 0.0
-    if first:
-        report["speedup_last_vs_first"] = round(streams[-1]["output_tokens_per_s"] / first, 2)
+    server_flags = [(flag, value) for flag, value in (
+        ("--intra-op-threads", args.threads), ("--intra-op-spinning", args.spinning),
+        ("--stream-interval", args.stream_interval), ("--engine-core", args.engine_core)) if value is not None]
+    report: dict[str, Any] = {"model_dir": args.model_dir, "cores": len(os.sched_getaffinity(0)),
+                              "server_flags": " ".join(f"{f} {v}" for f, v in server_flags), "servers": []}
+    for frontends in (args.frontends.split(",") if args.frontends else [""]):
+        port, metrics_port = free_port(), free_port()
+        cmd = [sys.executable, "-m", "seqserve.server.cli", "serve", args.model_dir, "--host", "127.0.0.1",
+               "--port", str(port), "--metrics-port", str(metrics_port), "--max-batch-size", str(args.max_batch_size),
+               "--max-queue", str(max(128, 2 * max(c * k for _, c, k in levels))),
+               "--max-inputs-per-request", str(max(32, *(k for _, _, k in levels))), "--log-level", "warning",
+               *(str(x) for pair in server_flags for x in pair), *(["--frontends", frontends] if frontends else [])]
+        served = run_server(cmd, port, metrics_port, levels, args)
+        streams = [r for r in served["levels"] if r["kind"] == "stream"]
+        if len(streams) > 1 and streams[0]["output_tokens_per_s"]:
+            served["speedup_last_vs_first"] = round(streams[-1]["output_tokens_per_s"]
+                                                    / streams[0]["output_tokens_per_s"], 2)
+        report["servers"].append({"frontends": frontends or "default", **served})
+    first = report["servers"][0]
+    streams = [r for r in first["levels"] if r["kind"] == "stream"]
+    first_rate = streams[0]["output_tokens_per_s"] if len(streams) > 1 else 0.0
     floor_rows: list[dict[str, Any]] = []
     if args.transport_floor == "on":
         floor_port = free_port()
-        floor = run_server([sys.executable, "-m", "seqserve.server.transport_floor", "--port", str(floor_port)],
+        floor = run_server([sys.executable, "-m", "seqserve.bench.transport_floor", "--port", str(floor_port)],
                            floor_port, None, levels, args)
         floor_rows = floor["levels"]
         report["transport_floor"] = {"exit_code_on_sigterm": floor["exit_code_on_sigterm"], "levels": floor_rows}
-        if first:
+        if first_rate:
             # What the last level could reach over the model's first if decoding, batching and
             # everything seqserve does cost nothing: the transport alone.
             floor_last = [r for r in floor_rows if r["kind"] == "stream"][-1]
-            report["floor_last_vs_model_first"] = round(floor_last["output_tokens_per_s"] / first, 2)
+            report["floor_last_vs_model_first"] = round(floor_last["output_tokens_per_s"] / first_rate, 2)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     print()
-    print("| load | output tok/s | mean rows/step | step ms | Python share of step | TTFT p50 ms | ITL p50 ms | "
-          "server cores (worker) | client cores | CPU µs/token server + client | failed |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        share = f"{100 * r['python_share']:.0f}%" if r["python_share"] is not None else "-"
-        print(f"| {_load_name(r)} | {r['output_tokens_per_s']:.0f} | {r['mean_rows_per_step']} | {r['step_ms']} | "
-              f"{share} | {r['ttft_p50_ms']} | {r['itl_p50_ms']} | {r['server_cores']} ({r['worker_cores']}) | "
-              f"{r['client_cores']} | {r['server_cpu_us_per_token']} + {r['client_cpu_us_per_token']} | "
-              f"{r['failed']} |")
-    print(f"\nstart to SERVING {served['start_to_serving_s']:.2f} s; server RSS {served['rss_mb_ready']} MB ready, "
-          f"{served['rss_mb_peak']} MB peak; exit code on SIGTERM {served['exit_code_on_sigterm']}")
-    if "speedup_last_vs_first" in report:
-        print(f"last stream level / first: {report['speedup_last_vs_first']}x")
+    floor_by_load = {_load_name(r): r for r in floor_rows}
+    for served in report["servers"]:
+        print(f"Server with --frontends {served['frontends']} ({served['server_processes']} processes):\n")
+        print("| load | output tok/s | of the floor | mean rows/step | step ms | Python share of step | TTFT p50 ms | "
+              "ITL p50 ms | server cores (children) | client cores | CPU µs/token server + client | failed |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in served["levels"]:
+            share = f"{100 * r['python_share']:.0f}%" if r["python_share"] is not None else "-"
+            floor = floor_by_load.get(_load_name(r))
+            of_floor = f"{r['output_tokens_per_s'] / floor['output_tokens_per_s']:.2f}x" if floor and \
+                floor["output_tokens_per_s"] else "-"
+            print(f"| {_load_name(r)} | {r['output_tokens_per_s']:.0f} | {of_floor} | {r['mean_rows_per_step']} | "
+                  f"{r['step_ms']} | {share} | {r['ttft_p50_ms']} | {r['itl_p50_ms']} | {r['server_cores']} "
+                  f"({r['worker_cores']}) | {r['client_cores']} | {r['server_cpu_us_per_token']} + "
+                  f"{r['client_cpu_us_per_token']} | {r['failed']} |")
+        print(f"\nstart to SERVING {served['start_to_serving_s']:.2f} s; RSS of all server processes "
+              f"{served['rss_mb_ready']} MB ready, {served['rss_mb_peak']} MB peak; exit code on SIGTERM "
+              f"{served['exit_code_on_sigterm']}")
+        if "speedup_last_vs_first" in served:
+            print(f"last stream level / first: {served['speedup_last_vs_first']}x\n")
     if floor_rows:
         print("\nTransport floor (no model: gRPC and the client alone, same levels):\n")
         print("| load | output tok/s | server cores | client cores | CPU µs/token server + client | failed |")
@@ -266,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"transport floor at the last stream level / the model's first: "
                   f"{report['floor_last_vs_model_first']}x (what the ratio above could reach if decoding "
                   "and seqserve cost nothing, one message per token)")
-    exit_codes = [served["exit_code_on_sigterm"], *([report["transport_floor"]["exit_code_on_sigterm"]]
-                                                    if floor_rows else [])]
+    exit_codes = [served["exit_code_on_sigterm"] for served in report["servers"]]
+    exit_codes += [report["transport_floor"]["exit_code_on_sigterm"]] if floor_rows else []
     return 0 if all(code == 0 for code in exit_codes) else 1
 
 

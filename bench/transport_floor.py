@@ -1,7 +1,7 @@
 """A SeqServe server with no model and no seqserve code behind it: the floor of what gRPC alone
 costs per streamed token on this machine, with the same client and the same messages.
 
-`seqserve bench-serve` runs it (`python -m seqserve.server.transport_floor --port P`) beside the
+`seqserve bench-serve` runs it (`python -m seqserve.bench.transport_floor --port P`) beside the
 real server and sends it the same load levels, so a run says how much of the served figures the
 transport takes before any decoding, batching or tokenizing. `GenerateStream` answers
 `max_new_tokens` one-token messages as fast as gRPC sends them, then a last message shaped like
@@ -87,7 +87,7 @@ async def serve(host: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m seqserve.server.transport_floor", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m seqserve.bench.transport_floor", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)

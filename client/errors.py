@@ -1,7 +1,7 @@
 """Typed exceptions of the client: every gRPC status a call can end with maps to one class here,
 carrying the server's message, so callers write `except Overloaded:` instead of comparing codes.
 
-The kinds mirror the server's domain errors (`seqserve.server.errors`): INVALID_ARGUMENT,
+The kinds mirror the server's domain errors (`seqserve.runtime.errors`): INVALID_ARGUMENT,
 RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, CANCELLED and UNAVAILABLE each have a class; any other
 code becomes a `ServerError` that still carries it.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import grpc
 
-from seqserve.model.errors import SeqserveError
+from seqserve.runtime.errors import SeqserveError
 
 
 REQUEST_ID_KEY = "x-request-id"  # trailing metadata the server sets on a failed call

@@ -28,7 +28,7 @@ from seqserve.client.cliargs import client_kwargs, connection_parser, generation
 from seqserve.client.errors import SeqserveClientError
 from seqserve.client.loadgen import ARRIVALS, MODES, LoadSpec, RunResult, sweep
 from seqserve.client.loadreport import CountMismatch, LevelReport, format_table, plot, summarize, to_json
-from seqserve.model.errors import SeqserveError
+from seqserve.runtime.errors import SeqserveError
 
 PROG = "seqserve-loadtest"
 DEFAULT_DURATION_S = 10.0

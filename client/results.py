@@ -14,7 +14,7 @@ Alignment = Any  # numpy.ndarray (T, S) / (S,) float32, or tuples of floats with
 
 
 class FinishReason(str, Enum):
-    """Why a sequence ended (the values match `seqserve.server.generation.FinishReason`)."""
+    """Why a sequence ended (the values match `seqserve.runtime.generation.FinishReason`)."""
 
     EOS = "eos"  # the model produced end-of-sequence (not included in the output)
     LENGTH = "length"  # max_new_tokens was reached

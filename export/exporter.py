@@ -15,14 +15,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from seqserve.export import names
+from seqserve.runtime import names
 from seqserve.export.graphs import OPSET, export_graphs
-from seqserve.export.model_dir import graph_entry, open_model_dir, write_config_json
+from seqserve.runtime.model_dir import graph_entry, open_model_dir, write_config_json
 from seqserve.export.verify import verify
 from seqserve.model.checkpoint import Checkpoint
-from seqserve.model.data import Pair, decode, encode_source, encode_target
-from seqserve.model.errors import ExportError
-from seqserve.server.engine import OnnxSeq2Seq, greedy_generate
+from seqserve.model.data import Pair
+from seqserve.runtime.tokenizer import decode, encode_source, encode_target
+from seqserve.runtime.errors import ExportError
+from seqserve.runtime.engine import OnnxSeq2Seq, greedy_generate
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 
-from seqserve.export import names
-from seqserve.model.errors import ExportError
+from seqserve.runtime import names
+from seqserve.runtime.errors import ExportError
 from seqserve.model.transformer import Transformer
 
 log = logging.getLogger(__name__)

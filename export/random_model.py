@@ -1,6 +1,6 @@
 """Random-weight models of given dimensions, exported through the normal export path: what the
 benchmark measures (speed does not depend on the weights), e.g. at the peers' dimensions
-(`seqserve.server.bench.PRESETS`).
+(`seqserve.bench.bench.PRESETS`).
 
 `python -m seqserve.export.random_model --dims '{"vocab_size": 8000, "d_model": 256, ...}' --out DIR`
 writes a verified model directory; the benchmark calls it in a subprocess so that its own
@@ -20,8 +20,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from seqserve.export.exporter import export_model_dir
 from seqserve.model.checkpoint import Checkpoint
-from seqserve.model.config import ModelConfig
-from seqserve.model.data import SPECIAL_TOKENS
+from seqserve.runtime.config import ModelConfig
+from seqserve.runtime.tokenizer import SPECIAL_TOKENS
 from seqserve.model.transformer import Transformer
 
 def synthetic_tokenizer(vocab_size: int) -> Tokenizer:

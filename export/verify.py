@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from seqserve.export.graphs import example_inputs
-from seqserve.model.errors import ParityError
+from seqserve.runtime.errors import ParityError
 from seqserve.model.transformer import Transformer, greedy_decode
-from seqserve.server.engine import OnnxSeq2Seq, greedy_generate, pad_batch
+from seqserve.runtime.engine import OnnxSeq2Seq, greedy_generate, pad_batch
 
 TOLERANCE = 1e-4
 

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from seqserve.model.config import ModelConfig
+from seqserve.runtime.config import ModelConfig
 
 
 class PositionalEncoding(nn.Module):

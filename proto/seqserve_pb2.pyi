@@ -186,7 +186,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_version", "dims", "vocab_size", "max_source_len", "max_target_len", "special_tokens", "providers", "encoder_sha256", "decoder_sha256", "limits", "quantization")
+    __slots__ = ("model_version", "dims", "vocab_size", "max_source_len", "max_target_len", "special_tokens", "providers", "encoder_sha256", "decoder_sha256", "limits", "quantization", "layout")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DIMS_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +198,7 @@ class GetModelInfoResponse(_message.Message):
     DECODER_SHA256_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     dims: ModelDims
     vocab_size: int
@@ -209,7 +210,24 @@ class GetModelInfoResponse(_message.Message):
     decoder_sha256: str
     limits: ServerLimits
     quantization: str
-    def __init__(self, model_version: _Optional[str] = ..., dims: _Optional[_Union[ModelDims, _Mapping]] = ..., vocab_size: _Optional[int] = ..., max_source_len: _Optional[int] = ..., max_target_len: _Optional[int] = ..., special_tokens: _Optional[_Union[SpecialTokens, _Mapping]] = ..., providers: _Optional[_Iterable[str]] = ..., encoder_sha256: _Optional[str] = ..., decoder_sha256: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., quantization: _Optional[str] = ...) -> None: ...
+    layout: ServingLayout
+    def __init__(self, model_version: _Optional[str] = ..., dims: _Optional[_Union[ModelDims, _Mapping]] = ..., vocab_size: _Optional[int] = ..., max_source_len: _Optional[int] = ..., max_target_len: _Optional[int] = ..., special_tokens: _Optional[_Union[SpecialTokens, _Mapping]] = ..., providers: _Optional[_Iterable[str]] = ..., encoder_sha256: _Optional[str] = ..., decoder_sha256: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., quantization: _Optional[str] = ..., layout: _Optional[_Union[ServingLayout, _Mapping]] = ...) -> None: ...
+
+class ServingLayout(_message.Message):
+    __slots__ = ("engine_core", "frontends", "intra_op_threads", "intra_op_spinning", "stream_interval", "cores")
+    ENGINE_CORE_FIELD_NUMBER: _ClassVar[int]
+    FRONTENDS_FIELD_NUMBER: _ClassVar[int]
+    INTRA_OP_THREADS_FIELD_NUMBER: _ClassVar[int]
+    INTRA_OP_SPINNING_FIELD_NUMBER: _ClassVar[int]
+    STREAM_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    CORES_FIELD_NUMBER: _ClassVar[int]
+    engine_core: str
+    frontends: int
+    intra_op_threads: int
+    intra_op_spinning: str
+    stream_interval: int
+    cores: int
+    def __init__(self, engine_core: _Optional[str] = ..., frontends: _Optional[int] = ..., intra_op_threads: _Optional[int] = ..., intra_op_spinning: _Optional[str] = ..., stream_interval: _Optional[int] = ..., cores: _Optional[int] = ...) -> None: ...
 
 class ModelDims(_message.Message):
     __slots__ = ("d_model", "encoder_layers", "decoder_layers", "n_heads", "d_ff")

@@ -8,7 +8,7 @@ Columns that no live row attends to any more are trimmed away, so the cache neve
 the longest live row.
 
 K/V live where the engine wants them: numpy arrays on the host (`HOST`), or OrtValues on the
-session's device when the engine has a `device_cache` (server/device_cache.py). The first step
+session's device when the engine has a `device_cache` (runtime/device_cache.py). The first step
 settles which; tokens, positions and masks always stay on the host, where the choice of the next
 token and the bookkeeping read them.
 """
@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from seqserve.model.config import ModelConfig
+from seqserve.runtime.config import ModelConfig
 
 
 class StepEngine(Protocol):

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from seqserve.model.errors import CheckpointError
+from seqserve.runtime.errors import CheckpointError
 
 
 @dataclass(frozen=True)

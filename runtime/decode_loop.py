@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from seqserve.model.config import ModelConfig
-from seqserve.server import errors
-from seqserve.server.batch import DecodeBatch, StepEngine
-from seqserve.server.engine import pad_batch
-from seqserve.server.generation import (FinishReason, GenerationParams, RequestResult, SequenceResult, Strategy,
+from seqserve.runtime.config import ModelConfig
+from seqserve.runtime import errors
+from seqserve.runtime.batch import DecodeBatch, StepEngine
+from seqserve.runtime.engine import pad_batch
+from seqserve.runtime.generation import (FinishReason, GenerationParams, RequestResult, SequenceResult, Strategy,
                                         Timings, TokenEvent)
-from seqserve.server.strategies import BeamSearch, log_softmax, sample
+from seqserve.runtime.strategies import BeamSearch, log_softmax, sample
 
 log = logging.getLogger(__name__)
 

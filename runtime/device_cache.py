@@ -12,7 +12,7 @@ ONNX graphs on the same device, built once per engine with dynamic shapes:
   pad_concat: Pad axis 3 of two batches, then Concat them on axis 1 (admission)
 Each graph works on a (key, value) pair at once, so one run covers both.
 
-`DecodeBatch` (server/batch.py) talks to this through the same small interface as its numpy
+`DecodeBatch` (runtime/batch.py) talks to this through the same small interface as its numpy
 implementation; on CPU numpy is zero-copy and faster, so this path is used there only when forced
 (tests). `onnx` is imported only here, and only when the graphs are built: the CPU serving
 install does without it.
@@ -26,8 +26,8 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from seqserve.export import names
-from seqserve.model.errors import SeqserveError
+from seqserve.runtime import names
+from seqserve.runtime.errors import SeqserveError
 
 log = logging.getLogger(__name__)
 

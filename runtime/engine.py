@@ -14,10 +14,10 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-from seqserve.export import names
-from seqserve.export.model_dir import ModelDir, open_model_dir
-from seqserve.model.errors import SeqserveError
-from seqserve.server.device_cache import DeviceCache, DeviceCacheError
+from seqserve.runtime import names
+from seqserve.runtime.model_dir import ModelDir, open_model_dir
+from seqserve.runtime.errors import SeqserveError
+from seqserve.runtime.device_cache import DeviceCache, DeviceCacheError
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from seqserve.export import names
-from seqserve.model.config import ModelConfig
-from seqserve.model.errors import CheckpointError, ModelDirError
+from seqserve.runtime import names
+from seqserve.runtime.config import ModelConfig
+from seqserve.runtime.errors import CheckpointError, ModelDirError
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -32,7 +32,7 @@ from typing import Any
 
 import grpc
 
-from seqserve.model.errors import SeqserveError
+from seqserve.runtime.errors import SeqserveError
 
 log = logging.getLogger(__name__)
 

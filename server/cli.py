@@ -7,15 +7,15 @@ import importlib
 import logging
 import sys
 
-from seqserve.model.errors import SeqserveError
+from seqserve.runtime.errors import SeqserveError
 
 # subcommand -> (module with main(argv), one-line help)
 COMMANDS = {
     "train": ("seqserve.model.train", "train a model on a built-in task or a TSV corpus"),
     "export": ("seqserve.export.cli", "export a checkpoint to a verified ONNX model directory"),
     "translate": ("seqserve.server.translate", "decode inputs with an exported model directory"),
-    "bench": ("seqserve.server.bench", "measure decoding speed in-process (optionally beside the peer engines)"),
-    "bench-serve": ("seqserve.server.bench_serve", "measure the served model under streaming load (1 vs N streams)"),
+    "bench": ("seqserve.bench.bench", "measure decoding speed in-process (optionally beside the peer engines)"),
+    "bench-serve": ("seqserve.bench.serve", "measure the served model under streaming load (1 vs N streams)"),
     "serve": ("seqserve.server.main", "serve a model directory over gRPC (health, reflection, metrics)"),
 }
 

@@ -8,6 +8,7 @@ argparse parser from it, so a flag, its variable and its documentation cannot dr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -15,13 +16,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from seqserve.model.errors import SeqserveError
+from seqserve.runtime.errors import SeqserveError
 
 DEVICES = ("auto", "cpu", "cuda")
 ON_OFF = ("on", "off")
-SPINNING = ("on", "run", "off")  # server.engine.SPINNING
-IO_BINDINGS = ("auto", "on", "off")  # server.engine.IO_BINDINGS
-OPTIMIZATIONS = ("disable", "basic", "extended", "all")  # server.engine.OPTIMIZATION_LEVELS
+ENGINE_CORES = ("process", "thread")
+SPINNING = ("on", "run", "off")  # runtime.engine.SPINNING
+IO_BINDINGS = ("auto", "on", "off")  # runtime.engine.IO_BINDINGS
+OPTIMIZATIONS = ("disable", "basic", "extended", "all")  # runtime.engine.OPTIMIZATION_LEVELS
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Calls beyond what the scheduler can hold that the concurrent call limit still lets in: health
@@ -46,11 +48,14 @@ class ServerConfig:
     metrics_port: int = 0  # Prometheus /metrics HTTP port; 0 turns metrics serving off
     metrics_host: str = ""  # interface of the /metrics listener; "" = the gRPC host (e.g. "127.0.0.1": local only)
     device: str = "auto"  # auto (CUDA when ONNX Runtime offers it) | cpu | cuda (fails loudly without CUDA)
-    intra_op_threads: int = 0  # ONNX Runtime threads inside one operator; 0 = one per core
+    intra_op_threads: int = 0  # ONNX Runtime threads inside one operator; 0 = chosen from the cores (`layout`)
     inter_op_threads: int = 1  # ONNX Runtime threads across operators
     optimization: str = "all"  # ONNX Runtime graph optimization level
     intra_op_spinning: str = "on"  # on | run (spin only within a decoder step) | off: idle intra-op threads spin-wait
-    worker_process: str = "off"  # on: the decoding loop runs in a child process with its own GIL; off: a thread
+    # process: the decode loop runs in an engine core process of its own (own GIL, restarted if it
+    # dies) that front-end processes feed; thread: in a thread of the one server process
+    engine_core: str = "process"
+    frontends: str = "auto"  # gRPC front-end processes on the one port: a number, or auto (from the cores)
     io_binding: str = "auto"  # KV cache kept on the device between steps: auto (on CUDA only) | on | off
     max_batch_size: int = 32  # most rows (inputs, beams, samples) decoded together in one step
     max_queue: int = 128  # most requests waiting for a batch row; beyond it RESOURCE_EXHAUSTED
@@ -83,6 +88,10 @@ class ServerConfig:
     # OpenTelemetry traces sent over OTLP/gRPC to this collector (http:// plaintext, https:// TLS;
     # needs the `tracing` extra); "" = tracing off (server.tracing)
     otlp_endpoint: str = ""
+    # Set by the supervisor for the front-ends it starts, not a flag: the engine core's Unix socket
+    # (""): this process owns its engine core), and the cores the layout was chosen for.
+    engine_address: str = ""
+    cores: int = 0
 
     def __post_init__(self) -> None:
         """Reject values the server cannot use, naming the flag and the variable."""
@@ -98,7 +107,11 @@ class ServerConfig:
             ("inter_op_threads", self.inter_op_threads >= 0, "must be >= 0"),
             ("optimization", self.optimization in OPTIMIZATIONS, f"must be one of {', '.join(OPTIMIZATIONS)}"),
             ("intra_op_spinning", self.intra_op_spinning in SPINNING, f"must be one of {', '.join(SPINNING)}"),
-            ("worker_process", self.worker_process in ON_OFF, "must be on or off"),
+            ("engine_core", self.engine_core in ENGINE_CORES, f"must be one of {', '.join(ENGINE_CORES)}"),
+            ("frontends", self.frontends == "auto" or (self.frontends.isdigit() and 1 <= int(self.frontends) <= 64),
+             "must be auto or a number in 1..64"),
+            ("frontends", self.frontends in ("auto", "1") or self.engine_core == "process",
+             "above 1 needs --engine-core process (front-ends feed one engine core process)"),
             ("deadline_admission", self.deadline_admission in ON_OFF, "must be on or off"),
             ("io_binding", self.io_binding in IO_BINDINGS, f"must be one of {', '.join(IO_BINDINGS)}"),
             ("max_batch_size", self.max_batch_size >= 1, "must be >= 1"),
@@ -132,7 +145,7 @@ class ServerConfig:
 
     @property
     def engine_options(self) -> dict[str, Any]:
-        """Keyword arguments of `server.engine.OnnxSeq2Seq` (in this process or the worker's)."""
+        """Keyword arguments of `runtime.engine.OnnxSeq2Seq` (in this process or the engine core's)."""
         return {"device": self.device, "intra_op_threads": self.intra_op_threads,
                 "inter_op_threads": self.inter_op_threads, "optimization": self.optimization,
                 "spinning": self.intra_op_spinning, "io_binding": self.io_binding}
@@ -184,8 +197,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("intra_op_spinning", str, "idle intra-op threads spin-wait for the next kernel: 'on' also between "
             "decoder steps (fastest on cores the server has to itself), 'run' only within a step (they park "
             "when it ends, leaving the cores to gRPC), 'off' never", SPINNING),
-    Setting("worker_process", str, "run the decoding loop in a child process with its own GIL and a restart "
-            "if it dies (on), or in a thread of the server process (off: faster on 2 shared cores, README)", ON_OFF),
+    Setting("engine_core", str, "where the decode loop runs: an engine core process of its own (its own GIL, "
+            "restarted if it dies) fed by the front-end processes, or a thread of the one server process",
+            ENGINE_CORES),
+    Setting("frontends", str, "gRPC front-end processes sharing the port (SO_REUSEPORT), each with its own "
+            "event loop, tokenizer and detokenizer, all feeding one engine core; auto: from the cores this "
+            "process may use (printed at start and in GetModelInfo)"),
     Setting("io_binding", str, "keep the KV cache on the device between decoder steps (ONNX Runtime I/O "
             "binding); auto: on with CUDA, off on CPU where numpy is zero-copy; 'on' forces it (tests)", IO_BINDINGS),
     Setting("max_batch_size", int, "most rows (inputs, beams, samples) decoded together"),
@@ -272,3 +289,60 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     """Flags > SEQSERVE_* variables > defaults; a bad variable or value is a one-line ConfigError."""
     args = build_parser(environ).parse_args(argv)
     return ServerConfig(**vars(args))
+
+
+# -- the processes and threads, from the cores ------------------------------------------------
+
+def available_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a container's
+    `--cpus`, a Kubernetes CPU limit), not `os.cpu_count()`, which counts the whole machine."""
+    cores = len(os.sched_getaffinity(0))
+    quota = _cgroup_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def _cgroup_quota() -> float | None:
+    """The cgroup's CPU quota in cores (v2's cpu.max, else v1's cfs files); None when unlimited."""
+    try:
+        limit, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def resolve_layout(config: ServerConfig, cores: int | None = None, *, gpu: bool = False) -> ServerConfig:
+    """`config` with `--frontends auto` and `--intra-op-threads 0` decided from the cores (what
+    the user set stays as set):
+    - front-ends: 1 up to 3 cores (one front-end keeps up with one engine core there), else a
+      quarter of the cores on CPU, where the engine's matrix work needs the rest, and all cores
+      but two on a GPU, where a decoder step is short and the front-ends' per-token Python is the
+      bottleneck; at most 8;
+    - the engine core's ONNX Runtime threads: the cores the front-ends leave (at least 1), so that
+      spinning threads never wait on a front-end's core; a thread driver has every core.
+    """
+    cores = cores or config.cores or available_cores()
+    if config.engine_core == "thread":
+        frontends = 1
+    elif config.frontends != "auto":
+        frontends = int(config.frontends)
+    elif cores <= 3:
+        frontends = 1
+    else:
+        frontends = min(8, max(1, cores - 2 if gpu else cores // 4))
+    threads = config.intra_op_threads
+    if threads == 0:
+        threads = cores if config.engine_core == "thread" else max(1, cores - frontends)
+    return dataclasses.replace(config, frontends=str(frontends), intra_op_threads=threads, cores=cores)
+
+
+def describe_layout(config: ServerConfig) -> str:
+    """One line of the choices `resolve_layout` made, for the start-up log."""
+    return (f"{config.cores} cores: engine core in a {config.engine_core}, {config.intra_op_threads} ONNX Runtime "
+            f"thread(s) (spinning {config.intra_op_spinning}), {config.frontends} gRPC front-end(s), "
+            f"stream messages carry every token waiting (interval {config.stream_interval})")

@@ -1,13 +1,16 @@
-"""Typed messages between the server process and its decoding worker process.
+"""Typed messages between the engine core process and its front-ends (and its owner).
 
 msgspec structs, framed as MessagePack (one frame per `multiprocessing.connection` message):
-- server -> worker: one `Command` per frame (`Submit`, `Cancel`, `Close`, `Stop`);
-- worker -> server: first `Ready` or `Failed`, each with the protocol version, then one `Report`
-  per step boundary (and per command that produced an answer): every token of the step in
-  columns, finished results, failures, and the step's figures.
+- front-end -> engine core: `Hello` with the protocol version, then one `Command` per frame
+  (`Submit`, `Cancel`, `Close`);
+- engine core -> front-end: first `Ready` (or `Failed`), each with the protocol version, then one
+  `Report` per step boundary (and per command that produced an answer) with every token of that
+  front-end's requests in columns, their finished results and failures, and the step's figures;
+- owner -> engine core, on the status connection: `Stop`; engine core -> owner: `Ready` or `Failed`
+  once the model is loaded.
 
-A server and a worker of different `PROTOCOL_VERSION`s refuse each other at start with a message
-that names both versions; nothing is pickled, so neither side runs code the other sends.
+Peers of different `PROTOCOL_VERSION`s refuse each other at the first message with a message that
+names both versions; nothing is pickled, so neither side runs code the other sends.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ from __future__ import annotations
 import msgspec
 import numpy as np
 
-from seqserve.server import errors
-from seqserve.server.generation import GenerationParams, RequestResult, TokenEvent
+from seqserve.runtime import errors
+from seqserve.runtime.generation import GenerationParams, RequestResult, TokenEvent
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 _NDARRAY = 1  # MessagePack extension code of a float32 array: ndim (1 byte), shape (int32 each), data
 
 
@@ -27,7 +30,7 @@ def _enc_hook(obj: object) -> object:
         a = np.ascontiguousarray(obj, dtype=np.float32)
         return msgspec.msgpack.Ext(_NDARRAY, bytes([a.ndim]) + np.asarray(a.shape, dtype=np.int32).tobytes()
                                    + a.tobytes())
-    raise NotImplementedError(f"cannot send a {type(obj).__name__} to or from the worker")
+    raise NotImplementedError(f"cannot send a {type(obj).__name__} to or from the engine core")
 
 
 def _ext_hook(code: int, data: memoryview) -> object:
@@ -42,10 +45,16 @@ def _ext_hook(code: int, data: memoryview) -> object:
 def _dec_hook(kind: type, obj: object) -> object:
     if kind is np.ndarray and isinstance(obj, np.ndarray):
         return obj
-    raise NotImplementedError(f"cannot read a {kind} from the worker")
+    raise NotImplementedError(f"cannot read a {kind} from the engine core")
 
 
-# -- server -> worker -------------------------------------------------------------------------------
+# -- front-end (or owner) -> engine core ------------------------------------------------------------
+
+class Hello(msgspec.Struct, tag=True, array_like=True):
+    """A front-end's first message: the protocol it speaks."""
+
+    version: int
+
 
 class Submit(msgspec.Struct, tag=True, array_like=True):
     """A request to decode; `deadline` and `submitted` are time.monotonic() values (one machine)."""
@@ -63,22 +72,23 @@ class Cancel(msgspec.Struct, tag=True, array_like=True):
 
 
 class Close(msgspec.Struct, tag=True, array_like=True):
-    """Refuse new requests from now on; the ones held still finish."""
+    """Refuse this front-end's new requests from now on; the ones held still finish."""
 
 
 class Stop(msgspec.Struct, tag=True, array_like=True):
-    """Fail what is left and exit."""
+    """(From the owner.) Fail what is left and exit."""
 
 
-Command = Submit | Cancel | Close | Stop
+Command = Hello | Submit | Cancel | Close | Stop
 
 
-# -- worker -> server -------------------------------------------------------------------------------
+# -- engine core -> front-end (or owner) ------------------------------------------------------------
 
 class Ready(msgspec.Struct, tag=True, array_like=True):
     version: int
     providers: list[str]
     kv_cache_on_device: bool
+    pid: int  # the engine core's process id
 
 
 class Failed(msgspec.Struct, tag=True, array_like=True):
@@ -146,7 +156,8 @@ _ERRORS: dict[str, type[errors.ServingError]] = {
 
 
 class Report(msgspec.Struct, tag=True, array_like=True):
-    """What the worker has to say after a step boundary (or a command): one frame."""
+    """What the engine core has to say to one front-end after a step boundary (or a command): one frame.
+    The step's figures go to one front-end only (the metrics' primary), so they are counted once."""
 
     tokens: Tokens = msgspec.field(default_factory=Tokens)
     done: list[Done] = []
@@ -175,7 +186,7 @@ def encode(message: msgspec.Struct) -> bytes:
     return _encoder.encode(message)
 
 
-def decode_command(frame: bytes) -> Submit | Cancel | Close | Stop:
+def decode_command(frame: bytes) -> Hello | Submit | Cancel | Close | Stop:
     return _commands.decode(frame)
 
 

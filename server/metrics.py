@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
-from seqserve.server.generation import RequestResult
+from seqserve.runtime.generation import RequestResult
 
 # Seconds: from a fraction of a decoder step to a long queue wait.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -47,10 +47,16 @@ class Metrics:
                                           "ONNX Runtime's run", buckets=LATENCY_BUCKETS, registry=r)
         self.batch_rows = Histogram("seqserve_batch_rows", "Rows (inputs, beams, samples) per decoder step",
                                     buckets=ROW_BUCKETS, registry=r)
-        # Both read from the scheduler when scraped (`watch`): an idle server reports 0, not the
-        # last step's figure.
-        self.active_rows = Gauge("seqserve_active_rows", "Rows in the running batch now", registry=r)
-        self.queue_depth = Gauge("seqserve_queue_depth", "Requests waiting for a batch row", registry=r)
+        # Both read from the scheduler when scraped (`watch`), or set from every report of the
+        # engine core process: an idle server reports 0, not the last step's figure. With several
+        # front-ends (prometheus-client's multiprocess mode) each holds the engine's one value:
+        # the largest of the live processes' is reported.
+        self.active_rows = Gauge("seqserve_active_rows", "Rows in the running batch now", registry=r,
+                                 multiprocess_mode="livemax")
+        self.queue_depth = Gauge("seqserve_queue_depth", "Requests waiting for a batch row", registry=r,
+                                 multiprocess_mode="livemax")
+        self.calls_in_flight = Gauge("seqserve_calls_in_flight", "SeqServe calls being handled now (every "
+                                     "front-end's)", registry=r, multiprocess_mode="livesum")
         self.input_tokens = Counter("seqserve_input_tokens", "Source tokens of finished inputs", registry=r)
         self.generated_tokens = Counter("seqserve_generated_tokens", "Tokens generated for finished inputs",
                                         registry=r)
@@ -70,9 +76,13 @@ class Metrics:
     def on_queue_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)
 
+    def on_active_rows(self, rows: int) -> None:
+        self.active_rows.set(rows)
+
     def watch(self, scheduler: Any) -> None:
         """Read the rows in the batch and the queue depth from the scheduler (anything with
-        `active_rows` and `queue_depth`) whenever the metrics are scraped."""
+        `active_rows` and `queue_depth`) whenever the metrics are scraped (in one process; in
+        multiprocess mode only the values set count)."""
         self.active_rows.set_function(lambda: scheduler.active_rows)
         self.queue_depth.set_function(lambda: scheduler.queue_depth)
 

@@ -21,17 +21,17 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
-from seqserve.server import errors
-from seqserve.server.batch import StepEngine
-from seqserve.server.decode_loop import DecodeLoop, LoopRequest, StepEvents, check_request, expiry
-from seqserve.server.generation import GenerationParams, RequestResult, TokenEvent
+from seqserve.runtime import errors
+from seqserve.runtime.batch import StepEngine
+from seqserve.runtime.decode_loop import DecodeLoop, LoopRequest, StepEvents, check_request, expiry
+from seqserve.runtime.generation import GenerationParams, RequestResult, TokenEvent
 
 log = logging.getLogger(__name__)
 
 TokenCallback = Callable[[TokenEvent], None]
 
-__all__ = ["RequestHandle", "RequestScheduler", "Scheduler", "SchedulerObserver", "TokenCallback", "admit_deadline",
-           "observe"]
+__all__ = ["RequestHandle", "RequestScheduler", "Scheduler", "SchedulerObserver", "TokenCallback", "admit",
+           "admit_deadline", "observe"]
 
 
 class SchedulerObserver(Protocol):
@@ -43,9 +43,11 @@ class SchedulerObserver(Protocol):
 
     def on_queue_depth(self, depth: int) -> None: ...
 
+    def on_active_rows(self, rows: int) -> None: ...
+
 
 def observe(observer: SchedulerObserver | None, events: StepEvents, queue_depth: int) -> None:
-    """Hand one step's figures to an observer (the thread driver's and the worker process's)."""
+    """Hand one step's figures to an observer (the thread driver's)."""
     if observer is None:
         return
     if events.admitted:
@@ -53,6 +55,21 @@ def observe(observer: SchedulerObserver | None, events: StepEvents, queue_depth:
     if events.rows:
         observer.on_step(events.rows, events.step_seconds, events.run_seconds)
     observer.on_queue_depth(queue_depth)
+
+
+def admit(loop: DecodeLoop, queued: Callable[[], int], purge: Callable[[], None], max_queue: int,
+          params: GenerationParams, deadline: float | None, now: float, *, deadline_admission: bool) -> None:
+    """Admission of one request by a driver of the loop: Overloaded when the wait queue is full
+    (once cancelled and expired requests have left it: `purge`) or, with `deadline_admission`,
+    when the queue ahead would make it miss its deadline. `queued()` is the driver's queue depth."""
+    if queued() >= max_queue:
+        purge()  # cancelled or expired requests hold no place
+    ahead = queued()
+    if ahead >= max_queue:
+        raise errors.Overloaded(f"wait queue is full ({max_queue} requests); retry later",
+                                loop.estimate_wait(ahead, params.rows))
+    if deadline is not None and deadline_admission:
+        admit_deadline(loop, ahead, params, deadline, now)
 
 
 def admit_deadline(loop: DecodeLoop, ahead: int, params: GenerationParams, deadline: float, now: float) -> None:
@@ -164,13 +181,8 @@ class Scheduler:
         with self._lock:
             if self._closed:
                 raise errors.Unavailable("server is shutting down")
-            if self.queue_depth >= self.max_queue:
-                self._purge_queued(time.monotonic())  # cancelled or expired requests hold no place
-            if self.queue_depth >= self.max_queue:
-                raise errors.Overloaded(f"wait queue is full ({self.max_queue} requests); retry later",
-                                        self.loop.estimate_wait(self.queue_depth, params.rows))
-            if deadline is not None and self.deadline_admission:
-                admit_deadline(self.loop, self.queue_depth, params, deadline, time.monotonic())
+            admit(self.loop, lambda: self.queue_depth, lambda: self._purge_queued(time.monotonic()), self.max_queue,
+                  params, deadline, time.monotonic(), deadline_admission=self.deadline_admission)
             entry = _Submitted(request, handle, on_token)
             self._inbox.append(entry)
             self._queued[request_id] = entry

@@ -39,13 +39,13 @@ import grpc
 import tokenizers
 from google.protobuf.message import DecodeError
 
-from seqserve.export.model_dir import ModelDir
-from seqserve.model.data import decode
+from seqserve.runtime.model_dir import ModelDir
+from seqserve.runtime.tokenizer import decode
 from seqserve.proto import seqserve_pb2 as pb
 from seqserve.proto import seqserve_pb2_grpc as pb_grpc
-from seqserve.server import errors
+from seqserve.runtime import errors
 from seqserve.server.config import ServerConfig
-from seqserve.server.generation import FinishReason, RequestResult, Strategy, TokenEvent
+from seqserve.runtime.generation import FinishReason, RequestResult, Strategy, TokenEvent
 from seqserve.server.metrics import Metrics
 from seqserve.server.scheduler import RequestHandle, RequestScheduler
 from seqserve.server.validation import ValidInput, Validator
@@ -410,6 +410,7 @@ class SeqServeService(pb_grpc.SeqServeServicer):
                      context.peer() or "")
         self._in_flight += 1
         self._idle.clear()
+        self.metrics.calls_in_flight.inc()
         tracer = self.tracer
         span = tracer.start(call, context) if tracer is not None else None
         error: errors.ServingError | None = None
@@ -431,6 +432,7 @@ class SeqServeService(pb_grpc.SeqServeServicer):
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+            self.metrics.calls_in_flight.dec()
             self.metrics.on_rpc(method, call.code.name)
             if tracer is not None and span is not None:  # children from the measured timings, now it is over
                 tracer.finish(span, call)
@@ -535,4 +537,9 @@ class SeqServeService(pb_grpc.SeqServeServicer):
                                    max_new_tokens_limit=limits.max_new_tokens_limit, max_beams=limits.max_beams,
                                    max_return_sequences=limits.max_return_sequences,
                                    max_message_bytes=limits.max_message_bytes),
-            quantization=str(meta.get("quantization") or ""))
+            quantization=str(meta.get("quantization") or ""),
+            layout=pb.ServingLayout(engine_core=limits.engine_core,
+                                    frontends=int(limits.frontends) if limits.frontends.isdigit() else 1,
+                                    intra_op_threads=limits.intra_op_threads,
+                                    intra_op_spinning=limits.intra_op_spinning,
+                                    stream_interval=limits.stream_interval, cores=limits.cores))

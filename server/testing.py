@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
-from seqserve.model.config import ModelConfig
+from seqserve.runtime.config import ModelConfig
 from seqserve.server.config import ServerConfig
 from seqserve.server.main import SeqServeServer, create_server
 from seqserve.server.scheduler import Scheduler
@@ -68,10 +69,31 @@ class ScriptedEngine:
         return logits, present, present.copy(), alignment
 
 
+class DelayedEngine:
+    """ONNX Runtime's engine with a pause before every decoder step, to hold requests in the batch
+    for as long as a test needs; for the engine core process, as
+    `EngineCoreOptions(engine_factory="seqserve.server.testing:DelayedEngine", engine={..., "step_delay_s": 0.05})`."""
+
+    def __init__(self, model_dir: Any, *, step_delay_s: float, **engine_options: Any) -> None:
+        from seqserve.runtime.engine import OnnxSeq2Seq
+
+        self._engine = OnnxSeq2Seq(model_dir, **engine_options)
+        self.step_delay_s = step_delay_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def decode(self, *args: Any) -> Any:
+        time.sleep(self.step_delay_s)
+        return self._engine.decode(*args)
+
+
 def loopback_config(model_dir: str | Path, **overrides: Any) -> ServerConfig:
-    """127.0.0.1, a free port, one ONNX Runtime thread, quiet text logs; overrides on top."""
+    """127.0.0.1, a free port, one ONNX Runtime thread, quiet text logs, and decoding in a thread of
+    the calling process (its scheduler can be looked at; `engine_core="process"` for the engine
+    core process that `seqserve serve` runs by default); overrides on top."""
     return ServerConfig(**{"model_dir": model_dir, "host": "127.0.0.1", "port": 0, "intra_op_threads": 1,
-                           "log_format": "text", "log_level": "warning", **overrides})
+                           "engine_core": "thread", "log_format": "text", "log_level": "warning", **overrides})
 
 
 class InProcessServer:
@@ -92,8 +114,8 @@ class InProcessServer:
 
     @property
     def scheduler(self) -> Scheduler:
-        """The in-process scheduler (with `worker_process="off"`, the default here)."""
-        assert isinstance(self.server.scheduler, Scheduler), "worker_process is on: the scheduler is a process"
+        """The in-process scheduler (with `engine_core="thread"`)."""
+        assert isinstance(self.server.scheduler, Scheduler), "the engine core is a process: no scheduler here"
         return self.server.scheduler
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from seqserve.model.errors import SeqserveError
+from seqserve.runtime.errors import SeqserveError
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider

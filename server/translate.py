@@ -7,9 +7,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from seqserve.model.data import decode, encode_source, load_tokenizer
-from seqserve.model.errors import SeqserveError
-from seqserve.server.engine import OnnxSeq2Seq, greedy_generate
+from seqserve.runtime.tokenizer import decode, encode_source, load_tokenizer
+from seqserve.runtime.errors import SeqserveError
+from seqserve.runtime.engine import OnnxSeq2Seq, greedy_generate
 
 
 class Translator:

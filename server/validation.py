@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import tokenizers
 
-from seqserve.model.config import ModelConfig
-from seqserve.model.data import encode_source
+from seqserve.runtime.config import ModelConfig
+from seqserve.runtime.tokenizer import encode_source
 from seqserve.proto import seqserve_pb2 as pb
 from seqserve.server.config import ServerConfig
-from seqserve.server.errors import InvalidRequest
-from seqserve.server.generation import GenerationParams, Strategy
+from seqserve.runtime.errors import InvalidRequest
+from seqserve.runtime.generation import GenerationParams, Strategy
 
 MAX_STOP_TOKENS = 32  # a stop-token check runs for every row at every step
 DEFAULT_NUM_BEAMS = 4

@@ -13,7 +13,7 @@ import pytest
 from seqserve.client import (Cancelled, Client, DeadlineExceeded, FinishReason, GenerationResult, InvalidArgument,
                              Overloaded, RetryPolicy, SeqserveClientError, ServerError, Unavailable)
 from seqserve.client import channel, convert, errors
-from seqserve.model.errors import SeqserveError
+from seqserve.runtime.errors import SeqserveError
 from seqserve.proto import seqserve_pb2 as pb
 
 
@@ -155,7 +155,7 @@ def test_every_status_maps_to_a_typed_exception_carrying_the_message(code: grpc.
 
 
 def test_the_server_status_lists_match_the_client_exceptions() -> None:
-    from seqserve.server.errors import STATUS_CODES
+    from seqserve.runtime.errors import STATUS_CODES
 
     for code in STATUS_CODES.values():
         assert type(errors.error_for(code, "")) is not ServerError, code

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = ("pyproject.toml", "README.md", "LICENSE", "model", "export", "server", "client", "proto")
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "model", "export", "runtime", "server", "bench", "client", "proto")
 OFFLINE_SIGNS = ("No matching distribution", "Could not find a version", "Failed to establish", "NewConnectionError")
 
 CHECK = """

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from seqserve.client import AsyncClient, Client, GenerationResult, Overloaded, RetryPolicy
 from seqserve.proto import seqserve_pb2 as pb
 from seqserve.proto import seqserve_pb2_grpc as pb_grpc
-from seqserve.server import errors
+from seqserve.runtime import errors
 from seqserve.server.service import PUSHBACK_KEY, SeqServeService
 
 TIMEOUT = 30.0  # seconds: the bound on any one wait

@@ -25,9 +25,10 @@ from types import ModuleType
 import pytest
 
 from seqserve.client import Client
-from seqserve.export.model_dir import open_model_dir
-from seqserve.model.data import dates_pairs, encode_source, load_tokenizer
-from seqserve.server.engine import OnnxSeq2Seq, greedy_generate
+from seqserve.runtime.model_dir import open_model_dir
+from seqserve.model.data import dates_pairs
+from seqserve.runtime.tokenizer import encode_source, load_tokenizer
+from seqserve.runtime.engine import OnnxSeq2Seq, greedy_generate
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 30.0  # the bound on any one wait

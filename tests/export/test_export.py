@@ -11,14 +11,14 @@ import onnx
 import pytest
 import torch
 
-from seqserve.export import names
+from seqserve.runtime import names
 from seqserve.export.exporter import export_model_dir, validation_sources
-from seqserve.export.model_dir import open_model_dir, sha256_file
+from seqserve.runtime.model_dir import open_model_dir, sha256_file
 from seqserve.export.verify import TOLERANCE, check_greedy_parity, check_numeric_parity
 from seqserve.model.checkpoint import load_checkpoint, save_checkpoint
-from seqserve.model.errors import CheckpointError, ModelDirError, ParityError
+from seqserve.runtime.errors import CheckpointError, ModelDirError, ParityError
 from seqserve.server.cli import main as seqserve
-from seqserve.server.engine import OnnxSeq2Seq, greedy_generate, pad_batch
+from seqserve.runtime.engine import OnnxSeq2Seq, greedy_generate, pad_batch
 
 
 @pytest.fixture(scope="module")

@@ -11,26 +11,9 @@ import pytest
 import tokenizers
 from tokenizers import models
 
-from seqserve.model.data import (
-    BOS_ID,
-    EOS_ID,
-    PAD_ID,
-    SPECIAL_TOKENS,
-    TASKS,
-    UNK_ID,
-    Pair,
-    dates_pairs,
-    decode,
-    encode_source,
-    encode_target,
-    load_tokenizer,
-    read_tsv,
-    special_ids,
-    task_pairs,
-    tokenizer_from_str,
-    train_tokenizer,
-)
-from seqserve.model.errors import DataError
+from seqserve.model.data import TASKS, Pair, dates_pairs, read_tsv, task_pairs, train_tokenizer
+from seqserve.runtime.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID, decode, encode_source, encode_target, load_tokenizer, special_ids, tokenizer_from_str
+from seqserve.runtime.errors import DataError
 
 # ---------------------------------------------------------------------------------------------
 # An independent parser for the dates task: every source must parse back to its target.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqserve.model.config import BASE, ModelConfig
-from seqserve.model.errors import CheckpointError
+from seqserve.runtime.config import BASE, ModelConfig
+from seqserve.runtime.errors import CheckpointError
 from seqserve.model.transformer import Transformer, count_parameters, greedy_decode
 
 TINY = ModelConfig(vocab_size=50, d_model=32, encoder_layers=2, decoder_layers=3, n_heads=4, d_ff=64,

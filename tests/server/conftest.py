@@ -20,7 +20,7 @@ import pytest
 
 from seqserve.proto import seqserve_pb2_grpc as pb_grpc
 from seqserve.server.config import ServerConfig
-from seqserve.server.engine import OnnxSeq2Seq
+from seqserve.runtime.engine import OnnxSeq2Seq
 from seqserve.server.testing import InProcessServer, loopback_config
 
 TIMEOUT = 30.0  # seconds: the bound on any one wait in these tests
@@ -120,8 +120,8 @@ def grouping_server(model_dir: Path) -> Iterator[RunningServer]:
 
 @pytest.fixture(scope="session")
 def worker_server(model_dir: Path) -> Iterator[RunningServer]:
-    """A server decoding in a worker process of its own (`--worker-process on`)."""
-    running = RunningServer(server_config(model_dir, worker_process="on"))
+    """A server decoding in an engine core process of its own (`--engine-core process`)."""
+    running = RunningServer(server_config(model_dir, engine_core="process"))
     yield running
     running.close()
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from seqserve.model.data import dates_pairs, load_tokenizer
-from seqserve.server.engine import OnnxSeq2Seq, pad_batch
+from seqserve.model.data import dates_pairs
+from seqserve.runtime.tokenizer import load_tokenizer
+from seqserve.runtime.engine import OnnxSeq2Seq, pad_batch
 
 MONTH_PREFIXES = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from seqserve.server.bench import main as bench
-from seqserve.server.bench import table
+from seqserve.bench.bench import main as bench
+from seqserve.bench.bench import table
 
 
 def test_bench_exports_caches_and_measures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from seqserve.server import decode_loop as decode_loop_module
-from seqserve.server import errors
-from seqserve.server.decode_loop import DecodeLoop, LoopRequest, StepEvents
-from seqserve.server.generation import FinishReason, GenerationParams, RequestResult, Strategy
+from seqserve.runtime import decode_loop as decode_loop_module
+from seqserve.runtime import errors
+from seqserve.runtime.decode_loop import DecodeLoop, LoopRequest, StepEvents
+from seqserve.runtime.generation import FinishReason, GenerationParams, RequestResult, Strategy
 from seqserve.server.testing import ScriptedEngine
 
 expected = ScriptedEngine.expected

@@ -13,13 +13,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from seqserve.model.errors import SeqserveError
-from seqserve.server import device_cache as device_cache_module
-from seqserve.server.batch import HOST
+from seqserve.runtime.errors import SeqserveError
+from seqserve.runtime import device_cache as device_cache_module
+from seqserve.runtime.batch import HOST
 from seqserve.server.config import ConfigError, parse_args
-from seqserve.server.device_cache import DeviceCache, DeviceCacheError, to_numpy
-from seqserve.server.engine import OnnxSeq2Seq, greedy_generate
-from seqserve.server.generation import GenerationParams, RequestResult, Strategy
+from seqserve.runtime.device_cache import DeviceCache, DeviceCacheError, to_numpy
+from seqserve.runtime.engine import OnnxSeq2Seq, greedy_generate
+from seqserve.runtime.generation import GenerationParams, RequestResult, Strategy
 from seqserve.server.scheduler import Scheduler
 from seqserve.server.testing import InProcessServer, loopback_config
 
@@ -36,7 +36,8 @@ def forced(model_dir: Path) -> OnnxSeq2Seq:
 
 @pytest.fixture(scope="module")
 def sources(host: OnnxSeq2Seq) -> list[list[int]]:
-    from seqserve.model.data import dates_pairs, encode_source, load_tokenizer
+    from seqserve.model.data import dates_pairs
+    from seqserve.runtime.tokenizer import encode_source, load_tokenizer
 
     tok = load_tokenizer(host.model_dir.tokenizer_path)
     return [encode_source(tok, p.source) for p in dates_pairs(24, seed=78)]

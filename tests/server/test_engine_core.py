@@ -1,11 +1,10 @@
-"""The decoding loop in a worker process (`--worker-process on`, the server's default): the same
-results as in-process, deadlines, cancellation and backpressure across the process boundary, a
-worker that dies is replaced, and nothing is left running after the server stops."""
+"""The decode loop in an engine core process (`--engine-core process`, the server's default): the
+same results as in-process, deadlines, cancellation and backpressure across the process boundary,
+an engine core that dies is replaced, and nothing is left running after the server stops."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import signal
 import time
@@ -16,22 +15,30 @@ from typing import Any
 import grpc
 import pytest
 
-from seqserve.model.data import dates_pairs, decode, encode_source, load_tokenizer
-from seqserve.model.errors import SeqserveError
+from seqserve.model.data import dates_pairs
+from seqserve.runtime.tokenizer import decode, encode_source, load_tokenizer
+from seqserve.runtime.errors import SeqserveError
 from seqserve.proto import seqserve_pb2 as pb
 from seqserve.server import main as server_main
-from seqserve.server.engine import OnnxSeq2Seq, greedy_generate
-from seqserve.server.worker import ProcessScheduler, WorkerOptions
+from seqserve.runtime.engine import OnnxSeq2Seq, greedy_generate
+from seqserve.server.engine_core import EngineCoreClient, EngineCoreOptions
 
 TIMEOUT = 30.0  # seconds, on every call
 SOURCES = [p.source for p in dates_pairs(16, seed=99)]
 LONG = pb.GenerationOptions(min_new_tokens=24, max_new_tokens=24)  # 24 steps: > 1 s at 50 ms a step
 
 
-def worker_of(server: Any) -> ProcessScheduler:
+def worker_of(server: Any) -> EngineCoreClient:
+    """The server's connection to its engine core (`pid` and `restarts` are the engine core's)."""
     scheduler = server.server.scheduler
-    assert isinstance(scheduler, ProcessScheduler)
+    assert isinstance(scheduler, EngineCoreClient)
     return scheduler
+
+
+def delayed(options: EngineCoreOptions, seconds: float = 0.05) -> EngineCoreOptions:
+    """The same engine core with `seconds` of pause before every decoder step."""
+    return dataclasses.replace(options, engine_factory="seqserve.server.testing:DelayedEngine",
+                               engine={**options.engine, "step_delay_s": seconds})
 
 
 def alive(pid: int) -> bool:
@@ -50,8 +57,9 @@ def server(worker_server: Any) -> Any:
 @pytest.fixture
 def slow_server(start_server: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> Any:
     """One batch row, one queue slot, and 50 ms per decoder step in the worker."""
-    monkeypatch.setattr(server_main, "WorkerOptions", functools.partial(WorkerOptions, step_delay_s=0.05))
-    return start_server(worker_process="on", max_batch_size=1, max_queue=1)
+    options = server_main.engine_core_options
+    monkeypatch.setattr(server_main, "engine_core_options", lambda config: delayed(options(config)))
+    return start_server(engine_core="process", max_batch_size=1, max_queue=1)
 
 
 def test_results_equal_offline_greedy_unary_and_streamed(server: Any, model_dir: Path,
@@ -161,7 +169,7 @@ def test_a_worker_that_dies_fails_its_requests_and_is_replaced(slow_server: Any)
 
 
 def test_stopping_the_server_stops_the_worker(start_server: Callable[..., Any]) -> None:
-    running = start_server(worker_process="on")
+    running = start_server(engine_core="process")
     pid = worker_of(running).pid
     assert pid is not None and alive(pid)
     running.close()
@@ -172,21 +180,23 @@ def test_a_worker_that_cannot_load_the_model_is_a_startup_error(start_server: Ca
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # The server process checks the model directory; what only the worker can find out (here: a
     # device this build does not have) must still stop the start with the worker's reason.
-    def on_cuda(*args: Any, **kwargs: Any) -> WorkerOptions:
-        options = WorkerOptions(*args, **kwargs)
-        return dataclasses.replace(options, engine={**options.engine, "device": "cuda"})
+    options = server_main.engine_core_options
 
-    monkeypatch.setattr(server_main, "WorkerOptions", on_cuda)
+    def on_cuda(config: Any) -> EngineCoreOptions:
+        built = options(config)
+        return dataclasses.replace(built, engine={**built.engine, "device": "cuda"})
+
+    monkeypatch.setattr(server_main, "engine_core_options", on_cuda)
     if "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers():
         pytest.skip("this ONNX Runtime build has CUDA")
     with pytest.raises(SeqserveError, match="--device cuda"):
-        start_server(worker_process="on")
+        start_server(engine_core="process")
 
 
 def test_the_worker_takes_the_engine_settings(start_server: Callable[..., Any], model_dir: Path,
                                               offline_engine: OnnxSeq2Seq) -> None:
     # The device-resident cache (forced on CPU) and spinning within a step only, in the worker.
-    server = start_server(worker_process="on", io_binding="on", intra_op_spinning="run")
+    server = start_server(engine_core="process", io_binding="on", intra_op_spinning="run")
     tokenizer = load_tokenizer(model_dir / "tokenizer.json")
     expected = greedy_generate(offline_engine, [encode_source(tokenizer, t) for t in SOURCES[:8]], max_new_tokens=24)
     response = server.stub.Generate(pb.GenerateRequest(inputs=SOURCES[:8]), timeout=TIMEOUT)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from seqserve.model.errors import SeqserveError
-from seqserve.server.engine import OnnxSeq2Seq
+from seqserve.runtime.errors import SeqserveError
+from seqserve.runtime.engine import OnnxSeq2Seq
 from seqserve.server.testing import InProcessServer, loopback_config
 
 SPIN = "session.intra_op.allow_spinning"

@@ -17,7 +17,8 @@ import pytest
 
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
-from seqserve.model.data import dates_pairs, encode_source, load_tokenizer
+from seqserve.model.data import dates_pairs
+from seqserve.runtime.tokenizer import encode_source, load_tokenizer
 from seqserve.proto import seqserve_pb2 as pb
 
 TIMEOUT = 30.0  # seconds, on every call

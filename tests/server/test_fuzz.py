@@ -53,7 +53,8 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from seqserve.model.data import dates_pairs, decode, encode_source, load_tokenizer
+from seqserve.model.data import dates_pairs
+from seqserve.runtime.tokenizer import decode, encode_source, load_tokenizer
 from seqserve.proto import seqserve_pb2 as pb
 from seqserve.server.service import SERVICE_NAME
 from seqserve.server.validation import MAX_STOP_TOKENS

@@ -1,6 +1,6 @@
-"""The typed messages between the server process and its decoding worker: every kind survives the
-MessagePack framing with its types (arrays, enums, errors and what they carry), and a server and
-worker of different protocol versions refuse each other at start, loudly."""
+"""The typed messages between front-ends and the engine core: every kind survives the
+MessagePack framing with its types (arrays, enums, errors and what they carry), and peers of
+different protocol versions refuse each other at their first message, loudly."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from seqserve.export.model_dir import open_model_dir
-from seqserve.model.errors import SeqserveError
-from seqserve.server import errors, messages
-from seqserve.server.generation import (FinishReason, GenerationParams, RequestResult, SequenceResult, Strategy,
+from seqserve.runtime.model_dir import open_model_dir
+from seqserve.runtime.errors import SeqserveError
+from seqserve.runtime import errors
+from seqserve.server import messages
+from seqserve.runtime.generation import (FinishReason, GenerationParams, RequestResult, SequenceResult, Strategy,
                                         Timings, TokenEvent)
-from seqserve.server.worker import ProcessScheduler, WorkerOptions
+from seqserve.server.engine_core import EngineCoreClient, EngineCoreOptions, EngineCoreProcess
 
 
 def test_commands_round_trip() -> None:
@@ -58,16 +59,41 @@ def test_a_report_carries_tokens_results_errors_and_figures() -> None:
     assert (out.rows, out.depth, out.encoded, out.step_rows, out.run_seconds) == (3, 2, 1, 3, 0.008)
 
 
-def test_a_worker_of_another_protocol_version_is_refused_at_start(model_dir: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_engine_core_of_another_protocol_version_is_refused_at_start(model_dir: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def children() -> set[str]:
+        return {pid for f in Path("/proc/self/task").glob("*/children") for pid in f.read_text().split()}
+
+    before = children()
+    monkeypatch.setattr(messages, "PROTOCOL_VERSION", messages.PROTOCOL_VERSION + 1)  # the owner only
+    engine = EngineCoreProcess(EngineCoreOptions(str(model_dir)))
+    with pytest.raises(SeqserveError, match=r"protocol version \d+, this server \d+"):
+        engine.start()
+    assert engine.pid is None and children() <= before  # not started, and nothing left running
+    engine.stop()
+
+
+def test_a_front_end_of_another_protocol_version_is_refused_and_others_still_served(model_dir: Path) -> None:
     import asyncio
 
-    monkeypatch.setattr(messages, "PROTOCOL_VERSION", messages.PROTOCOL_VERSION + 1)  # this server only
+    engine = EngineCoreProcess(EngineCoreOptions(str(model_dir)))
+    engine.start()
     loop = asyncio.new_event_loop()
     try:
-        scheduler = ProcessScheduler(open_model_dir(model_dir), WorkerOptions(str(model_dir)), loop)
-        with pytest.raises(SeqserveError, match=r"protocol version \d+, this server \d+"):
-            scheduler.start()
-        assert scheduler.pid is None  # nothing left running
+        config = open_model_dir(model_dir).config
+        stale = EngineCoreClient(engine.address, config, 32, loop)
+        real = messages.PROTOCOL_VERSION
+        messages.PROTOCOL_VERSION = real + 1  # this front-end only
+        try:
+            with pytest.raises(SeqserveError, match=rf"front-end speaks protocol version {real + 1}, the engine core "
+                                                    rf"{real}"):
+                stale.connect(timeout=10)
+        finally:
+            messages.PROTOCOL_VERSION = real
+        good = EngineCoreClient(engine.address, config, 32, loop)
+        good.connect(timeout=10)
+        assert good.pid == engine.pid and good.providers == ["CPUExecutionProvider"]
+        good.stop()
     finally:
+        engine.stop()
         loop.close()

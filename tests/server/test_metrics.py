@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import urllib.request
 
-from seqserve.server.generation import FinishReason, RequestResult, SequenceResult, Timings
+from seqserve.runtime.generation import FinishReason, RequestResult, SequenceResult, Timings
 from seqserve.server.metrics import Metrics
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from seqserve.server import errors
-from seqserve.server.engine import OnnxSeq2Seq, greedy_generate
-from seqserve.server.generation import FinishReason, GenerationParams, Strategy
+from seqserve.runtime import errors
+from seqserve.runtime.engine import OnnxSeq2Seq, greedy_generate
+from seqserve.runtime.generation import FinishReason, GenerationParams, Strategy
 from seqserve.server.scheduler import Scheduler
 from seqserve.server.testing import ScriptedEngine
 
@@ -232,7 +232,8 @@ def engine(model_dir: Path) -> OnnxSeq2Seq:
 
 @pytest.fixture(scope="module")
 def sources(engine: OnnxSeq2Seq) -> list[list[int]]:
-    from seqserve.model.data import dates_pairs, encode_source, load_tokenizer
+    from seqserve.model.data import dates_pairs
+    from seqserve.runtime.tokenizer import encode_source, load_tokenizer
 
     tok = load_tokenizer(engine.model_dir.tokenizer_path)
     return [encode_source(tok, p.source) for p in dates_pairs(40, seed=77)]

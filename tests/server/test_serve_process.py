@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from seqserve.model.data import dates_pairs
 from seqserve.proto import seqserve_pb2 as pb
 from seqserve.proto import seqserve_pb2_grpc as pb_grpc
-from seqserve.server.bench_serve import server_pids
+from seqserve.bench.serve import server_pids
 
 TIMEOUT = 30.0
 SEQSERVE = [sys.executable, "-m", "seqserve.server.cli"]
@@ -35,9 +35,9 @@ SEQSERVE = [sys.executable, "-m", "seqserve.server.cli"]
 NO_DEADLINE_ADMISSION = ("--deadline-admission", "off")
 
 
-@pytest.mark.parametrize("worker_process", ["off", "on"])
+@pytest.mark.parametrize("engine_core", ["thread", "process"])
 def test_serve_without_torch_and_sigterm_drains(model_dir: Path, serve_process: Callable[..., Any],
-                                                worker_process: str) -> None:
+                                                engine_core: str) -> None:
     # One batch row and 2 x 128 inputs of 24 forced tokens ahead of the stream: about a second of
     # decoding on a fast machine, so all three calls are still in flight when SIGTERM is handled.
     with socket.socket() as s:  # a free port for /metrics
@@ -46,7 +46,7 @@ def test_serve_without_torch_and_sigterm_drains(model_dir: Path, serve_process: 
     process = serve_process(str(model_dir), "--host", "127.0.0.1", "--port", "0", "--max-batch-size", "1",
                             "--max-queue", "512", "--max-inputs-per-request", "128", "--grace-period", "30",
                             "--intra-op-threads", "1", "--metrics-port", str(metrics_port),
-                            "--worker-process", worker_process, *NO_DEADLINE_ADMISSION)
+                            "--engine-core", engine_core, *NO_DEADLINE_ADMISSION)
     serving = process.wait_for_event("serving")
     port, pid = serving["port"], process.proc.pid
     assert serving["metrics_port"] == metrics_port
@@ -55,7 +55,7 @@ def test_serve_without_torch_and_sigterm_drains(model_dir: Path, serve_process: 
     assert steps and float(steps.group(1)) >= 1  # the warm-up generation's steps
 
     workers = server_pids(pid)[1:]
-    assert len(workers) == (1 if worker_process == "on" else 0)
+    assert len(workers) == (1 if engine_core == "process" else 0)
     for process_id in (pid, *workers):
         maps = Path(f"/proc/{process_id}/maps").read_text()
         assert "libtorch" not in maps and "/torch/" not in maps, "the server loaded torch"
@@ -104,7 +104,7 @@ def test_serve_without_torch_and_sigterm_drains(model_dir: Path, serve_process: 
 
     assert process.proc.wait(TIMEOUT) == 0
     assert process.wait_for_event("stopped")["drained"] is True
-    assert not any(Path(f"/proc/{w}").exists() for w in workers), "the worker process outlived the server"
+    assert not any(Path(f"/proc/{w}").exists() for w in workers), "the engine core outlived the server"
     # One JSON line per request, with its status and token counts.
     requests = [json.loads(line) for line in process.log if '"event": "request"' in line]
     statuses = sorted((r["method"], r["status"], r["inputs"]) for r in requests)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from seqserve.server.config import ConfigError, ServerConfig, parse_args
+from seqserve.server import config as config_module
+from seqserve.server.config import (ConfigError, ServerConfig, available_cores, describe_layout, parse_args,
+                                    resolve_layout)
 
 
 def test_defaults() -> None:
@@ -78,12 +80,50 @@ def test_intra_op_spinning_is_on_by_default_and_can_be_turned_off() -> None:
         parse_args(["m"], environ={"SEQSERVE_INTRA_OP_SPINNING": "sometimes"})
 
 
-def test_worker_process_is_off_by_default_and_can_be_turned_on(tmp_path: Path) -> None:
-    assert parse_args(["m"], environ={}).worker_process == "off"
-    assert parse_args(["m", "--worker-process", "on"], environ={}).worker_process == "on"
-    assert parse_args(["m"], environ={"SEQSERVE_WORKER_PROCESS": "on"}).worker_process == "on"
-    with pytest.raises(ConfigError, match=r"worker_process \(--worker-process, SEQSERVE_WORKER_PROCESS\)"):
-        ServerConfig(model_dir=tmp_path, worker_process="maybe")
+def test_the_engine_core_is_a_process_by_default_and_can_be_a_thread(tmp_path: Path) -> None:
+    assert parse_args(["m"], environ={}).engine_core == "process"
+    assert parse_args(["m", "--engine-core", "thread"], environ={}).engine_core == "thread"
+    assert parse_args(["m"], environ={"SEQSERVE_ENGINE_CORE": "thread"}).engine_core == "thread"
+    with pytest.raises(ConfigError, match=r"engine_core \(--engine-core, SEQSERVE_ENGINE_CORE\)"):
+        ServerConfig(model_dir=tmp_path, engine_core="maybe")
+
+
+def test_frontends_is_auto_or_a_number_and_needs_the_engine_core_process(tmp_path: Path) -> None:
+    assert parse_args(["m"], environ={}).frontends == "auto"
+    assert parse_args(["m", "--frontends", "3"], environ={}).frontends == "3"
+    for bad in ("0", "-1", "two", "65"):
+        with pytest.raises(ConfigError, match=r"frontends \(--frontends, SEQSERVE_FRONTENDS\) must be auto or"):
+            ServerConfig(model_dir=tmp_path, frontends=bad)
+    with pytest.raises(ConfigError, match="needs --engine-core process"):
+        ServerConfig(model_dir=tmp_path, frontends="2", engine_core="thread")
+
+
+@pytest.mark.parametrize(("cores", "gpu", "frontends", "threads"), [
+    (1, False, 1, 1), (2, False, 1, 1), (3, False, 1, 2), (4, False, 1, 3), (8, False, 2, 6), (16, False, 4, 12),
+    (64, False, 8, 56), (8, True, 6, 2), (16, True, 8, 8),
+])
+def test_the_layout_splits_the_cores_between_front_ends_and_the_engine(tmp_path: Path, cores: int, gpu: bool,
+                                                                       frontends: int, threads: int) -> None:
+    config = resolve_layout(ServerConfig(model_dir=tmp_path), cores, gpu=gpu)
+    assert (config.frontends, config.intra_op_threads, config.cores) == (str(frontends), threads, cores)
+    assert f"{cores} cores" in describe_layout(config) and f"{frontends} gRPC front-end" in describe_layout(config)
+
+
+def test_the_layout_keeps_what_the_user_set(tmp_path: Path) -> None:
+    config = resolve_layout(ServerConfig(model_dir=tmp_path, frontends="3", intra_op_threads=5), 8)
+    assert (config.frontends, config.intra_op_threads) == ("3", 5)
+    thread = resolve_layout(ServerConfig(model_dir=tmp_path, engine_core="thread"), 8)
+    assert (thread.frontends, thread.intra_op_threads) == ("1", 8)  # one process: every core decodes
+
+
+def test_available_cores_follow_the_affinity_and_the_cgroup_quota(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config_module.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    monkeypatch.setattr(config_module, "_cgroup_quota", lambda: None)
+    assert available_cores() == 6
+    monkeypatch.setattr(config_module, "_cgroup_quota", lambda: 2.5)  # --cpus 2.5
+    assert available_cores() == 3
+    monkeypatch.setattr(config_module, "_cgroup_quota", lambda: 0.2)
+    assert available_cores() == 1
 
 
 def test_stream_interval_is_checked() -> None:

@@ -18,11 +18,12 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from seqserve.model.data import dates_pairs, decode, encode_source, load_tokenizer
+from seqserve.model.data import dates_pairs
+from seqserve.runtime.tokenizer import decode, encode_source, load_tokenizer
 from seqserve.proto import seqserve_pb2 as pb
 from seqserve.proto import seqserve_pb2_grpc as pb_grpc
 from seqserve.server import main as server_main
-from seqserve.server.engine import OnnxSeq2Seq, greedy_generate
+from seqserve.runtime.engine import OnnxSeq2Seq, greedy_generate
 
 
 TIMEOUT = 30.0  # seconds, on every call

@@ -1,5 +1,5 @@
 """Soak: a steady mixed load against a real `seqserve serve` process of the tiny model on loopback,
-with and without `--worker-process`.
+with the engine core in a process of its own and in a thread (`--engine-core`).
 
 The load (closed loop, `CONCURRENCY` callers on one `AsyncClient`, no retries so nothing is hidden)
 cycles through every kind in `KINDS` and every input in `SOURCES`: greedy (several inputs per call),
@@ -38,7 +38,7 @@ where the warm-up is long enough (a tenth of the run, at most 30 s) for the sett
 Known growth, not ours: gRPC's asyncio server keeps native memory for every call that ends by the
 client's cancel or deadline (grpc/grpc#43360: a failed batch's `grpc_op` array is never freed).
 Measured here at about 100 bytes a call in `seqserve serve`, and about 300 with
-`seqserve.server.transport_floor`, which has no seqserve code at all; streams run to the end leave
+`seqserve.bench.transport_floor`, which has no seqserve code at all; streams run to the end leave
 nothing. With 2 calls in 9 of that sort, the server process grew 1.8 to 2.3 MB in 340 s (its
 worker process did not), so the 5% bound holds up to about 10 minutes of this load; a longer soak
 would fail on this until gRPC frees those batches.
@@ -79,7 +79,7 @@ import pytest
 from seqserve.client import (AsyncClient, DeadlineExceeded, GenerationResult, Overloaded, SeqserveClientError,
                              TokenPiece)
 from seqserve.model.data import dates_pairs
-from seqserve.server.bench_serve import free_port, server_pids
+from seqserve.bench.serve import free_port, server_pids
 
 SOAK_SECONDS = float(os.environ.get("SEQSERVE_SOAK_SECONDS") or 5.0)
 WARMUP_SECONDS = float(os.environ.get("SEQSERVE_SOAK_WARMUP_SECONDS") or min(30.0, max(2.0, SOAK_SECONDS / 10)))
@@ -478,7 +478,7 @@ def total(phase: Phase, outcome: str) -> int:
 
 def report(mode: str, warmup: Phase, soak: Phase, trace: RssTrace) -> str:
     """Requests by kind and outcome, and VmRSS per process, for one server mode."""
-    lines = [f"soak --worker-process {mode}: {CONCURRENCY} callers; warm-up {warmup.wall_s:.1f} s "
+    lines = [f"soak --engine-core {mode}: {CONCURRENCY} callers; warm-up {warmup.wall_s:.1f} s "
              f"({warmup.sent} calls: " + ", ".join(f"{o} {total(warmup, o)}" for o in OUTCOMES)
              + f"); soak {soak.wall_s:.1f} s ({soak.sent} calls, {soak.sent / soak.wall_s:.1f}/s):",
              f"  {'kind':<18}" + "".join(f"{o:>10}" for o in OUTCOMES)]
@@ -487,7 +487,7 @@ def report(mode: str, warmup: Phase, soak: Phase, trace: RssTrace) -> str:
     lines.append(f"  {'all':<18}" + "".join(f"{total(soak, o):>10}" for o in OUTCOMES))
     for pid, after_warmup in warmup.rss_kb.items():
         end = soak.rss_kb.get(pid, 0)
-        lines.append(f"  pid {pid} ({'server' if pid == trace.pids[0] else 'worker'}): VmRSS idle after warm-up "
+        lines.append(f"  pid {pid} ({'server' if pid == trace.pids[0] else 'engine core'}): VmRSS idle after warm-up "
                      f"{after_warmup / 1024:.1f} MiB, idle at the end {end / 1024:.1f} MiB "
                      f"({(end - after_warmup) / after_warmup:+.2%}; bound +{RSS_TOLERANCE:.0%})")
     lines.append("  VmRSS under load (s into the soak: MiB per pid): " + ", ".join(
@@ -496,19 +496,19 @@ def report(mode: str, warmup: Phase, soak: Phase, trace: RssTrace) -> str:
 
 
 @pytest.mark.timeout(max(600, int(SOAK_SECONDS + WARMUP_SECONDS + 600)))  # fixtures train first
-@pytest.mark.parametrize("worker_process", ["off", "on"])
-def test_soak_mixed_load(model_dir: Path, serve_process: Callable[..., Any], worker_process: str) -> None:
+@pytest.mark.parametrize("engine_core", ["thread", "process"])
+def test_soak_mixed_load(model_dir: Path, serve_process: Callable[..., Any], engine_core: str) -> None:
     """Mixed load for SEQSERVE_SOAK_SECONDS (5 s by default) after a warm-up: zero failed requests,
     the same answers as before the load, and each server process's VmRSS at the end at most 5%
     above its value after the warm-up in a long run (from 60 s), 50% in a short one, where
     allocator settling alone can pass 5% (module doc); prints requests by kind and outcome, and RSS."""
     metrics_port = free_port()
     process = serve_process(str(model_dir), "--host", "127.0.0.1", "--port", "0", "--metrics-port",
-                            str(metrics_port), "--intra-op-threads", "1", "--worker-process", worker_process,
+                            str(metrics_port), "--intra-op-threads", "1", "--engine-core", engine_core,
                             "--log-level", "info", cls=SoakProcess)
     port = process.wait_for_event("serving")["port"]
     pids = server_pids(process.proc.pid)
-    assert len(pids) == (2 if worker_process == "on" else 1), pids
+    assert len(pids) == (2 if engine_core == "process" else 1), pids
     address = f"127.0.0.1:{port}"
 
     async def take_references_now() -> dict[tuple[str, int], Expected]:
@@ -531,10 +531,10 @@ def test_soak_mixed_load(model_dir: Path, serve_process: Callable[..., Any], wor
             phase.problems.append(f"server not idle {TIMEOUT:g} s after the load: {busy}")
         phase.rss_kb = {pid: vm_rss_kb(pid) for pid in pids}
     assert process.proc.poll() is None, f"server exited with {process.proc.returncode}:\n{process.tail()}"
-    assert server_pids(process.proc.pid) == pids, "the worker process was replaced during the soak"
+    assert server_pids(process.proc.pid) == pids, "the engine core was replaced during the soak"
     for phase in (warmup, soak):  # now: the last lines of calls the server saw late are in too
         phase.problems += check_server_log(process, phase.tally, phase.name)
-    print("\n" + report(worker_process, warmup, soak, trace))
+    print("\n" + report(engine_core, warmup, soak, trace))
 
     for phase in (warmup, soak):
         assert not phase.tally.problems, (f"{phase.name}: {len(phase.tally.problems)} failed requests, e.g.:\n"
@@ -552,4 +552,4 @@ def test_soak_mixed_load(model_dir: Path, serve_process: Callable[..., Any], wor
     for pid, after_warmup in warmup.rss_kb.items():
         assert soak.rss_kb[pid] <= after_warmup * (1 + RSS_TOLERANCE), \
             f"pid {pid}: VmRSS grew from {after_warmup} kB after warm-up to {soak.rss_kb[pid]} kB " \
-            f"(bound +{RSS_TOLERANCE:.0%}):\n" + report(worker_process, warmup, soak, trace)
+            f"(bound +{RSS_TOLERANCE:.0%}):\n" + report(engine_core, warmup, soak, trace)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from seqserve.model.data import decode, load_tokenizer
+from seqserve.runtime.tokenizer import decode, load_tokenizer
 from seqserve.server.service import _TextStream
 
 

@@ -7,12 +7,13 @@ from typing import Any
 
 import pytest
 
-from seqserve.model.config import ModelConfig
-from seqserve.model.data import EOS_ID, dates_pairs, encode_source, train_tokenizer
+from seqserve.runtime.config import ModelConfig
+from seqserve.model.data import dates_pairs, train_tokenizer
+from seqserve.runtime.tokenizer import EOS_ID, encode_source
 from seqserve.proto import seqserve_pb2 as pb
 from seqserve.server.config import ServerConfig
-from seqserve.server.errors import InvalidRequest
-from seqserve.server.generation import GenerationParams, Strategy
+from seqserve.runtime.errors import InvalidRequest
+from seqserve.runtime.generation import GenerationParams, Strategy
 from seqserve.server.validation import MAX_STOP_TOKENS, Validator
 
 
