@@ -182,6 +182,24 @@ def _load_name(row: dict[str, Any]) -> str:
             else f"{row['concurrency']} unary callers x {row['inputs_per_call']} inputs")
 
 
+def in_process(args: argparse.Namespace, levels: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
+    """The engine alone (`seqserve bench`'s measurement, each batch in a fresh process) at batch 1 and
+    at every level's batch: what the served figures are compared with."""
+    batches = sorted({1, *(c * k for _, c, k in levels)})
+    records = []
+    for batch in batches:
+        cmd = [sys.executable, "-m", "seqserve.bench.bench", "--child", "--model-dir", args.model_dir, "--batch",
+               str(batch), "--new-tokens", str(args.max_new_tokens), "--source-len", "12", "--threads",
+               str(args.threads or len(os.sched_getaffinity(0))), "--budget", str(args.duration)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode or not lines:
+            raise SystemExit(f"seqserve bench-serve: in-process batch {batch} failed: "
+                             f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+        records.append(json.loads(lines[-1]))
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="seqserve bench-serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -206,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--transport-floor", choices=("on", "off"), default="on",
                    help="also run the levels against a server with no model (gRPC alone), for the CPU "
                         "budget (default on)")
+    p.add_argument("--in-process", choices=("on", "off"), default="on",
+                   help="also measure the engine in-process (seqserve bench, no gRPC) at batch 1 and at the "
+                        "unary level's batch, with all the cores, for the served/in-process ratios (default on)")
     p.add_argument("--json", type=Path, help="also write the report here")
     args = p.parse_args(argv)
     levels = [("stream", int(x), 1) for x in args.streams.split(",")]
@@ -245,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             # everything seqserve does cost nothing: the transport alone.
             floor_last = [r for r in floor_rows if r["kind"] == "stream"][-1]
             report["floor_last_vs_model_first"] = round(floor_last["output_tokens_per_s"] / first_rate, 2)
+    if args.in_process == "on":
+        report["in_process"] = in_process(args, levels)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
@@ -280,6 +303,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"transport floor at the last stream level / the model's first: "
                   f"{report['floor_last_vs_model_first']}x (what the ratio above could reach if decoding "
                   "and seqserve cost nothing, one message per token)")
+    if report.get("in_process"):
+        print("\nIn-process engine (`seqserve bench`, no gRPC, every core), same model and tokens:\n")
+        print("| batch | output tok/s | ms per step | served level | served / in-process |")
+        print("|---|---|---|---|---|")
+        for record in report["in_process"]:
+            for served in report["servers"]:
+                for r in served["levels"]:
+                    if r["concurrency"] * r["inputs_per_call"] == record["batch"] or (
+                            record["batch"] == 1 and r["concurrency"] == 1):
+                        print(f"| {record['batch']} | {record['tok_per_s']:.0f} | {record['ms_per_step']} | "
+                              f"{_load_name(r)}, --frontends {served['frontends']} | "
+                              f"{r['output_tokens_per_s'] / record['tok_per_s']:.2f}x |")
     exit_codes = [served["exit_code_on_sigterm"] for served in report["servers"]]
     exit_codes += [report["transport_floor"]["exit_code_on_sigterm"]] if floor_rows else []
     return 0 if all(code == 0 for code in exit_codes) else 1

@@ -80,11 +80,10 @@ class OnnxSeq2Seq:
             return opts
 
         # Intra-op threads that spin between the many small kernels of a decode step pick up the
-        # next kernel at once instead of being woken for each: on cores the server has to itself
-        # that is 1.5-1.9x faster per step (README, engine benchmark). Spinning burns the cores it
-        # waits on, so it can be turned off where busy neighbours share them. The encoder's threads
-        # stop spinning as soon as its run returns: it runs once per admission, and its pool
-        # spinning on between runs took the cores from the decoder's (0.92 -> 0.52 ms per step).
+        # next kernel at once instead of being woken for each (measured: docs/benchmarks.md).
+        # Spinning burns the cores it waits on, so it can be turned off where busy neighbours share
+        # them. The encoder's threads stop spinning as soon as its run returns: it runs once per
+        # admission, and a pool spinning on between runs would take the cores from the decoder's.
         providers = choose_providers(device)
         self.encoder = ort.InferenceSession(str(self.model_dir.encoder_path),
                                             options(stop_spinning_after_run=True), providers=providers)

@@ -195,7 +195,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("inter_op_threads", int, "ONNX Runtime inter-op threads"),
     Setting("optimization", str, "ONNX Runtime graph optimization level", OPTIMIZATIONS),
     Setting("intra_op_spinning", str, "idle intra-op threads spin-wait for the next kernel: 'on' also between "
-            "decoder steps (fastest on cores the server has to itself), 'run' only within a step (they park "
+            "decoder steps (the lowest step latency; it keeps the cores busy), 'run' only within a step (they park "
             "when it ends, leaving the cores to gRPC), 'off' never", SPINNING),
     Setting("engine_core", str, "where the decode loop runs: an engine core process of its own (its own GIL, "
             "restarted if it dies) fed by the front-end processes, or a thread of the one server process",

@@ -43,6 +43,9 @@ def test_bench_serve_reports_each_level(model_dir: Path, tmp_path: Path) -> None
         ("stream", 1), ("stream", 3), ("unary", 2)]
     for level in floor["levels"]:
         assert level["failed"] == 0 and level["output_tokens_per_s"] > 0 and level["step_ms"] is None
+    # The engine alone, for the served/in-process ratios: batch 1 and each level's batch.
+    assert [(r["batch"], r["new_tokens"]) for r in report["in_process"]] == [(1, 4), (3, 4), (6, 4)]
+    assert all(r["tok_per_s"] > 0 for r in report["in_process"])
     first = report["servers"][0]["levels"][0]["output_tokens_per_s"]
     assert report["floor_last_vs_model_first"] == pytest.approx(floor["levels"][1]["output_tokens_per_s"] / first,
                                                                 rel=0.01)

@@ -11,8 +11,8 @@ SERVING_MODULES = ("seqserve.runtime.engine", "seqserve.runtime.decode_loop", "s
                    "seqserve.runtime.model_dir", "seqserve.server.translate", "seqserve.server.cli",
                    "seqserve.server.main", "seqserve.server.service", "seqserve.server.validation",
                    "seqserve.server.metrics", "seqserve.server.config", "seqserve.server.scheduler",
-                   "seqserve.server.worker", "seqserve.server.testing", "seqserve.bench.bench",
-                   "seqserve.bench.serve", "seqserve.bench.transport_floor")
+                   "seqserve.server.engine_core", "seqserve.server.supervisor", "seqserve.server.testing",
+                   "seqserve.bench.bench", "seqserve.bench.serve", "seqserve.bench.transport_floor")
 
 
 def loaded_after(modules: tuple[str, ...], prefixes: tuple[str, ...]) -> list[str]:
