@@ -52,7 +52,7 @@ def scrape(metrics_port: int) -> dict[str, float]:
 
 
 def server_pids(pid: int) -> list[int]:
-    """The server process and its children (the decoding worker process, when it runs in one)."""
+    """The server process and its children (its engine core; with a supervisor, the front-ends too)."""
     children: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
@@ -111,6 +111,10 @@ async def measure_levels(port: int, metrics_port: int | None, levels: list[tuple
     def server_ticks() -> list[int]:
         return [cpu_time_ticks(pid) for pid in server]
 
+    # The engine core's share of the server's CPU (what is left is the front-ends' and a supervisor's).
+    engine = [i for i, pid in enumerate(server) if b"seqserve.server.engine_core" in Path(f"/proc/{pid}/cmdline")
+              .read_bytes()]
+
     texts = [p.source for p in dates_pairs(500, seed=123)]
     # Exactly max_new_tokens per request, so every level decodes the same work per request.
     options = {"max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens}
@@ -129,6 +133,7 @@ async def measure_levels(port: int, metrics_port: int | None, levels: list[tuple
             onnx = after["seqserve_step_onnx_seconds_sum"] - before["seqserve_step_onnx_seconds_sum"]
             steps = after["seqserve_step_seconds_count"] - before["seqserve_step_seconds_count"]
             server_cores = (sum(cpu_after[0]) - sum(cpu_before[0])) / ticks / wall
+            engine_cores = sum(cpu_after[0][i] - cpu_before[0][i] for i in engine) / ticks / wall
             client_cores = (cpu_after[1] - cpu_before[1]) / ticks / wall
             tok_s = report.output_tokens_per_s
             rows.append({
@@ -141,13 +146,15 @@ async def measure_levels(port: int, metrics_port: int | None, levels: list[tuple
                                             / steps, 1) if steps else None,
                 "step_ms": round(1e3 * step / steps, 3) if steps else None,
                 "python_share": round(1 - onnx / step, 3) if step else None,
-                # Cores busy in the server (with its worker process) and in this load-generating
-                # client (same machine).
+                # Cores busy in the server (all its processes; the engine core's part) and in this
+                # load-generating client (same machine).
                 "server_cores": round(server_cores, 2),
-                "worker_cores": round((sum(cpu_after[0][1:]) - sum(cpu_before[0][1:])) / ticks / wall, 2),
+                "engine_cores": round(engine_cores, 2),
                 "client_cores": round(client_cores, 2),
-                # CPU spent per output token: the budget that decides how far the cores carry.
+                # CPU spent per output token: the budget that decides how far the cores carry; the
+                # front-ends' part (without the engine core's) is what the transport floor bounds.
                 "server_cpu_us_per_token": round(1e6 * server_cores / tok_s, 1) if tok_s else None,
+                "frontend_cpu_us_per_token": round(1e6 * (server_cores - engine_cores) / tok_s, 1) if tok_s else None,
                 "client_cpu_us_per_token": round(1e6 * client_cores / tok_s, 1) if tok_s else None,
             })
     return rows
@@ -186,11 +193,16 @@ def in_process(args: argparse.Namespace, levels: list[tuple[str, int, int]]) -> 
     """The engine alone (`seqserve bench`'s measurement, each batch in a fresh process) at batch 1 and
     at every level's batch: what the served figures are compared with."""
     batches = sorted({1, *(c * k for _, c, k in levels)})
+    device = args.device
+    if device == "auto":
+        import onnxruntime
+
+        device = "cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
     records = []
     for batch in batches:
         cmd = [sys.executable, "-m", "seqserve.bench.bench", "--child", "--model-dir", args.model_dir, "--batch",
                str(batch), "--new-tokens", str(args.max_new_tokens), "--source-len", "12", "--threads",
-               str(args.threads or len(os.sched_getaffinity(0))), "--budget", str(args.duration)]
+               str(args.threads or len(os.sched_getaffinity(0))), "--budget", str(args.duration), "--device", device]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode or not lines:
@@ -224,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--transport-floor", choices=("on", "off"), default="on",
                    help="also run the levels against a server with no model (gRPC alone), for the CPU "
                         "budget (default on)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="server's --device, and the in-process engine's (auto: CUDA when ONNX Runtime has it)")
     p.add_argument("--in-process", choices=("on", "off"), default="on",
                    help="also measure the engine in-process (seqserve bench, no gRPC) at batch 1 and at the "
                         "unary level's batch, with all the cores, for the served/in-process ratios (default on)")
@@ -235,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         levels.append(("unary", int(callers), int(inputs)))
     server_flags = [(flag, value) for flag, value in (
         ("--intra-op-threads", args.threads), ("--intra-op-spinning", args.spinning),
-        ("--stream-interval", args.stream_interval), ("--engine-core", args.engine_core)) if value is not None]
+        ("--stream-interval", args.stream_interval), ("--engine-core", args.engine_core),
+        ("--device", None if args.device == "auto" else args.device)) if value is not None]
     report: dict[str, Any] = {"model_dir": args.model_dir, "cores": len(os.sched_getaffinity(0)),
                               "server_flags": " ".join(f"{f} {v}" for f, v in server_flags), "servers": []}
     for frontends in (args.frontends.split(",") if args.frontends else [""]):
@@ -276,17 +291,21 @@ def main(argv: list[str] | None = None) -> int:
     for served in report["servers"]:
         print(f"Server with --frontends {served['frontends']} ({served['server_processes']} processes):\n")
         print("| load | output tok/s | of the floor | mean rows/step | step ms | Python share of step | TTFT p50 ms | "
-              "ITL p50 ms | server cores (children) | client cores | CPU µs/token server + client | failed |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "ITL p50 ms | server cores (engine core) | client cores | CPU µs/token server + client | "
+              "front-end CPU µs/token (of the floor server's) | failed |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in served["levels"]:
             share = f"{100 * r['python_share']:.0f}%" if r["python_share"] is not None else "-"
             floor = floor_by_load.get(_load_name(r))
             of_floor = f"{r['output_tokens_per_s'] / floor['output_tokens_per_s']:.2f}x" if floor and \
                 floor["output_tokens_per_s"] else "-"
+            frontend = r["frontend_cpu_us_per_token"]
+            of_floor_cpu = f" ({frontend / floor['server_cpu_us_per_token']:.2f}x)" if floor and frontend and \
+                floor["server_cpu_us_per_token"] else ""
             print(f"| {_load_name(r)} | {r['output_tokens_per_s']:.0f} | {of_floor} | {r['mean_rows_per_step']} | "
                   f"{r['step_ms']} | {share} | {r['ttft_p50_ms']} | {r['itl_p50_ms']} | {r['server_cores']} "
-                  f"({r['worker_cores']}) | {r['client_cores']} | {r['server_cpu_us_per_token']} + "
-                  f"{r['client_cpu_us_per_token']} | {r['failed']} |")
+                  f"({r['engine_cores']}) | {r['client_cores']} | {r['server_cpu_us_per_token']} + "
+                  f"{r['client_cpu_us_per_token']} | {frontend}{of_floor_cpu} | {r['failed']} |")
         print(f"\nstart to SERVING {served['start_to_serving_s']:.2f} s; RSS of all server processes "
               f"{served['rss_mb_ready']} MB ready, {served['rss_mb_peak']} MB peak; exit code on SIGTERM "
               f"{served['exit_code_on_sigterm']}")
