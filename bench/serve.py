@@ -95,8 +95,10 @@ def wait_serving(port: int, proc: subprocess.Popen, timeout: float) -> float:
 
 
 async def measure_levels(port: int, metrics_port: int | None, levels: list[tuple[str, int, int]], duration: float,
-                         warmup: float, max_new_tokens: int, server: list[int]) -> list[dict[str, Any]]:
-    """Each level is (kind, concurrency, inputs per call): ("stream", N, 1) or ("unary", N, K).
+                         warmup: float, max_new_tokens: int, server: list[int],
+                         connections: int = 1) -> list[dict[str, Any]]:
+    """Each level is (kind, concurrency, inputs per call): ("stream", N, 1) or ("unary", N, K), sent
+    over `connections` connections in turn.
 
     Without a metrics port (the transport floor has none) the step fields are None.
     """
@@ -119,7 +121,7 @@ async def measure_levels(port: int, metrics_port: int | None, levels: list[tuple
     # Exactly max_new_tokens per request, so every level decodes the same work per request.
     options = {"max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens}
     rows = []
-    async with AsyncClient(f"127.0.0.1:{port}") as client:
+    async with AsyncClient(f"127.0.0.1:{port}", connections=connections) as client:
         for kind, concurrency, inputs in levels:
             spec = LoadSpec(mode="closed", concurrency=concurrency, stream=kind == "stream", duration_s=duration,
                             inputs_per_request=inputs)
@@ -171,7 +173,7 @@ def run_server(cmd: list[str], port: int, metrics_port: int | None, levels: list
         pids = server_pids(proc.pid)
         rss_ready, _ = rss_mb(pids)
         rows = asyncio.run(measure_levels(port, metrics_port, levels, args.duration, args.warmup,
-                                          args.max_new_tokens, pids))
+                                          args.max_new_tokens, pids, args.connections))
         rss_now, rss_peak = rss_mb(pids)
         proc.send_signal(signal.SIGTERM)
         exit_code = proc.wait(timeout=60)
@@ -236,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--transport-floor", choices=("on", "off"), default="on",
                    help="also run the levels against a server with no model (gRPC alone), for the CPU "
                         "budget (default on)")
+    p.add_argument("--connections", type=int, default=4, help="client connections, calls spread over them in "
+                   "turn: the kernel balances connections, not calls, between front-ends (default 4)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="server's --device, and the in-process engine's (auto: CUDA when ONNX Runtime has it)")
     p.add_argument("--in-process", choices=("on", "off"), default="on",

@@ -11,6 +11,7 @@ Its channel is opened by the first call and belongs to that call's event loop:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, overload
@@ -33,26 +34,28 @@ class AsyncClient(ClientBase):
     def _open(self) -> None:
         # A grpc.aio channel belongs to the event loop it was made in, so it is made by the first
         # call, inside the caller's loop (the client may be built outside any loop).
-        self._channel: grpc.aio.Channel | None = None
-        self._stub_: pb_grpc.SeqServeStub | None = None
+        self._channels: list[grpc.aio.Channel] = []
+        self._stubs: list[pb_grpc.SeqServeStub] = []
+        self._turn = itertools.count()
         self._health_: health_pb2_grpc.HealthStub | None = None
 
-    def _connect(self) -> grpc.aio.Channel:
-        if self._channel is None:
+    def _connect(self) -> None:
+        if not self._channels:
             s = self.settings
-            if s.credentials is not None:
-                self._channel = grpc.aio.secure_channel(s.target, s.credentials, options=list(s.options))
-            else:
-                self._channel = grpc.aio.insecure_channel(s.target, options=list(s.options))
-            self._stub_ = pb_grpc.SeqServeStub(self._channel)
-            self._health_ = health_pb2_grpc.HealthStub(self._channel)
-        return self._channel
+            for _ in range(self.connections):
+                if s.credentials is not None:
+                    channel = grpc.aio.secure_channel(s.target, s.credentials, options=self._channel_options())
+                else:
+                    channel = grpc.aio.insecure_channel(s.target, options=self._channel_options())
+                self._channels.append(channel)
+            self._stubs = [pb_grpc.SeqServeStub(c) for c in self._channels]
+            self._health_ = health_pb2_grpc.HealthStub(self._channels[0])
 
     @property
     def _stub(self) -> pb_grpc.SeqServeStub:
+        """The next connection's stub, in turn."""
         self._connect()
-        assert self._stub_ is not None
-        return self._stub_
+        return self._stubs[next(self._turn) % len(self._stubs)]
 
     @property
     def _health(self) -> health_pb2_grpc.HealthStub:
@@ -63,9 +66,9 @@ class AsyncClient(ClientBase):
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def close(self, grace: float | None = None) -> None:
-        """Close the channel; calls still in flight after `grace` seconds are cancelled."""
-        if self._channel is not None:
-            await self._channel.close(grace)
+        """Close the channels; calls still in flight after `grace` seconds are cancelled."""
+        for channel in self._channels:
+            await channel.close(grace)
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -8,6 +8,7 @@ from typing import Any
 
 from seqserve.client import convert
 from seqserve.client.channel import PathOrPem, RetryPolicy, channel_settings
+from seqserve.client.errors import InvalidArgument
 from seqserve.proto import seqserve_pb2 as pb
 
 Metadata = Mapping[str, str] | Iterable[tuple[str, str]]
@@ -23,7 +24,7 @@ class ClientBase:
                  metadata: Metadata | None = None, retry: RetryPolicy | None = RetryPolicy(),
                  keepalive_time_s: float = 60.0, keepalive_timeout_s: float = 20.0,
                  max_message_bytes: int = 64 << 20, max_inputs_per_call: int | None = None,
-                 channel_options: Iterable[tuple[str, Any]] = ()) -> None:
+                 channel_options: Iterable[tuple[str, Any]] = (), connections: int = 1) -> None:
         """Connect (lazily: the first call opens the connection).
 
         Args:
@@ -45,7 +46,13 @@ class ClientBase:
             max_inputs_per_call: most inputs per Generate call before `generate` splits the list
                 (None: the server's max_inputs_per_request, asked once).
             channel_options: extra gRPC channel options (they win over the ones above).
+            connections: connections to each server address, calls spread over them in turn. A
+                server with several front-end processes on one port (`--frontends`) balances
+                connections, not calls, between them: one connection reaches one front-end.
         """
+        if connections < 1:
+            raise InvalidArgument(f"connections: must be >= 1, got {connections}")
+        self.connections = connections
         self.settings = channel_settings(
             address, tls=tls, root_certificates=root_certificates, client_certificate=client_certificate,
             client_key=client_key, tls_server_name=tls_server_name, auth_token=auth_token, metadata=metadata,
@@ -58,6 +65,12 @@ class ClientBase:
     def _open(self) -> None:
         """Create the channel and stubs from `self.settings`."""
         raise NotImplementedError
+
+    def _channel_options(self) -> list[tuple[str, Any]]:
+        """The channel options; with several connections, each channel keeps its own (gRPC shares
+        one connection between channels to the same address otherwise)."""
+        options = list(self.settings.options)
+        return options + [("grpc.use_local_subchannel_pool", 1)] if self.connections > 1 else options
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.settings.target!r})"

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, overload
@@ -30,17 +31,26 @@ class Client(ClientBase):
     def _open(self) -> None:
         s = self.settings
         if s.credentials is not None:
-            self._channel = grpc.secure_channel(s.target, s.credentials, options=list(s.options))
+            self._channels = [grpc.secure_channel(s.target, s.credentials, options=self._channel_options())
+                              for _ in range(self.connections)]
         else:
-            self._channel = grpc.insecure_channel(s.target, options=list(s.options))
-        self._stub = pb_grpc.SeqServeStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+            self._channels = [grpc.insecure_channel(s.target, options=self._channel_options())
+                              for _ in range(self.connections)]
+        self._stubs = [pb_grpc.SeqServeStub(c) for c in self._channels]
+        self._turn = itertools.count()
+        self._health = health_pb2_grpc.HealthStub(self._channels[0])
+
+    @property
+    def _stub(self) -> pb_grpc.SeqServeStub:
+        """The next connection's stub, in turn."""
+        return self._stubs[next(self._turn) % len(self._stubs)]
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the channel; calls in flight are cancelled."""
-        self._channel.close()
+        """Close the channels; calls in flight are cancelled."""
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> Client:
         return self

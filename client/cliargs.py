@@ -45,6 +45,9 @@ def connection_parser() -> argparse.ArgumentParser:
     g.add_argument("--token", help=f"sent as 'authorization: Bearer TOKEN' (env {TOKEN_ENV})")
     g.add_argument("--metadata", "-H", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="extra call metadata; repeatable")
+    g.add_argument("--connections", type=int, default=1, metavar="N",
+                   help="connections to each address, calls spread over them in turn (a server with several "
+                        "front-end processes balances connections between them; default 1)")
     g.add_argument("--retry-overloaded", action=argparse.BooleanOptionalAction, default=True,
                    help="retry calls the server refuses with RESOURCE_EXHAUSTED, after the wait its "
                         "grpc-retry-pushback-ms says (default on; off: such calls fail at once)")
@@ -64,6 +67,7 @@ def client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "auth_token": args.token or os.environ.get(TOKEN_ENV) or None,
         "metadata": args.metadata,
         "retry": RetryPolicy(retry_overloaded=args.retry_overloaded),
+        "connections": args.connections,
     }
 
 

@@ -225,3 +225,8 @@ def test_calls_merge_client_and_call_metadata_and_use_the_default_timeout() -> N
     with Client("127.0.0.1:1", timeout=7.0, metadata=[("a", "1")]) as client:
         assert client._call_args(None, {"B": "2"}) == {"timeout": 7.0, "metadata": (("a", "1"), ("b", "2"))}
         assert client._call_args(0.5, None)["timeout"] == 0.5
+
+
+def test_connections_must_be_at_least_one() -> None:
+    with pytest.raises(InvalidArgument, match="connections: must be >= 1, got 0"):
+        Client("127.0.0.1:1", connections=0)

@@ -21,6 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from seqserve.bench.serve import free_port, server_pids
+from seqserve.client import Client
 from seqserve.proto import seqserve_pb2 as pb
 from seqserve.proto import seqserve_pb2_grpc as pb_grpc
 
@@ -103,6 +104,11 @@ def test_two_front_ends_share_the_port_the_engine_and_the_metrics(serve_process:
         assert metric(metrics_port, "seqserve_requests_total") == CHANNELS + 1  # + GetModelInfo
         assert metric(metrics_port, "seqserve_step_seconds_count") > 0
         assert metric(metrics_port, "seqserve_active_rows") == 0
+        # The client library spreads its calls over as many connections as it is told to.
+        before = sum(connections_of(pid, port) for pid in frontends)
+        with Client(f"127.0.0.1:{port}", connections=5, max_inputs_per_call=1) as client:
+            assert len({r.text for r in client.generate(["nov 5 1999"] * 10)}) == 1  # 10 calls
+            assert sum(connections_of(pid, port) for pid in frontends) == before + 5
     finally:
         for channel in channels:
             channel.close()
