@@ -35,6 +35,14 @@ def auto_warmup(planned_steps: int) -> int:
     return int(min(PAPER_WARMUP, max(50, round(0.05 * planned_steps))))
 
 
+MIN_STEPS = 2000  # default run length in updates: a small corpus gets more epochs, not fewer steps
+
+
+def auto_epochs(steps_per_epoch: int) -> int:
+    """Epochs for a run of at least MIN_STEPS updates: 10 for a large corpus, more (up to 200) for a small one."""
+    return int(min(200, max(10, -(-MIN_STEPS // max(1, steps_per_epoch)))))
+
+
 def scheduled_lr(step: int, d_model: int, warmup: int, scale: float = 1.0) -> float:
     """Learning rate at `step` (from 1): linear warm-up to `peak_lr`, then peak * sqrt(warmup / step)."""
     step = max(step, 1)

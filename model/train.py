@@ -19,7 +19,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from seqserve.model.data import TASKS, Pair, read_tsv, task_pairs, train_tokeniz
 from seqserve.model.distributed import World, all_sum, close_world, from_main, init_world
 from seqserve.model.progress import Progress
 from seqserve.model.resume import STATE_FILE, load_training_state, save_training_state
-from seqserve.model.schedule import DivergenceCheck, auto_warmup, scheduled_lr
+from seqserve.model.schedule import DivergenceCheck, auto_epochs, auto_warmup, scheduled_lr
 from seqserve.model.transformer import Transformer, count_parameters, greedy_decode
 from seqserve.runtime.config import BASE, ModelConfig
 from seqserve.runtime.errors import DataError, SeqserveError
@@ -57,8 +57,9 @@ class TrainOptions:
 
     out: Path
     preset: str = "demo"
-    epochs: int = 10
-    max_tokens: int = 4096  # padded tokens per batch and device, on the longer side (source or target)
+    epochs: int | None = None  # passes over the data; None: 10, or more for a run of at least 2000 steps
+    max_tokens: int | None = None  # padded tokens per batch and device (longer side); None: 4096, less
+    # for a corpus too small for 64 batches an epoch
     batch_size: int | None = None  # optional cap on pairs per batch and device
     train_size: int = 40_000  # pairs generated per epoch for a built-in task
     valid_size: int = 1_000  # held-out pairs for a built-in task
@@ -244,8 +245,6 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
            state: dict[str, Any] | None, world: World, device: torch.device) -> dict[str, Any]:
     if opts.preset not in PRESETS:
         raise SeqserveError(f"--preset: unknown {opts.preset!r}; known: {', '.join(PRESETS)}")
-    if opts.max_tokens < 1:
-        raise SeqserveError(f"--max-tokens must be at least 1, got {opts.max_tokens}")
     autocast_dtype = resolve_precision(opts.precision, device)
     torch.manual_seed(opts.seed)
     train_pairs, valid_pairs = load_corpus(task, data, valid, opts)
@@ -269,7 +268,13 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
     net: nn.Module = model
     if world.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if opts.max_tokens is None:
+        opts = replace(opts, max_tokens=first_data.auto_max_tokens())
+    if opts.max_tokens < 1:
+        raise SeqserveError(f"--max-tokens must be at least 1, got {opts.max_tokens}")
     steps_per_epoch = len(_epoch_batches(first_data, 1, opts, world))
+    if opts.epochs is None:
+        opts = replace(opts, epochs=auto_epochs(steps_per_epoch))
     warmup = state["warmup"] if state is not None else (opts.warmup or auto_warmup(opts.epochs * steps_per_epoch))
     optimizer = torch.optim.Adam(model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -293,8 +298,10 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
     if world.is_main:
         opts.out.mkdir(parents=True, exist_ok=True)
         (opts.out / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-        log.info("model: %s parameters, %s; %s on %s x %d, warm-up %d steps, peak lr %.2e", f"{count_parameters(model):,}",
-                 cfg, "bf16 autocast" if autocast_dtype else "fp32", device.type, world.size, warmup,
+        log.info("model: %s parameters, %s; %s on %s x %d", f"{count_parameters(model):,}", cfg,
+                 "bf16 autocast" if autocast_dtype else "fp32", device.type, world.size)
+        log.info("%d pairs, batches of %d tokens: %d steps an epoch, %d epochs; warm-up %d steps to lr %.2e",
+                 len(first_data), opts.max_tokens, steps_per_epoch, opts.epochs, warmup,
                  scheduled_lr(warmup, cfg.d_model, warmup, opts.lr_scale))
     started = time.perf_counter() - elapsed_before
     last_save = time.monotonic()
@@ -466,9 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     for dim in ("d_model", "encoder_layers", "decoder_layers", "n_heads", "d_ff"):
         p.add_argument(f"--{dim.replace('_', '-')}", type=int, help=f"override the preset's {dim}")
     p.add_argument("--dropout", type=float, help="override the preset's dropout")
-    p.add_argument("--epochs", type=int, help="passes over the data (default 10)")
-    p.add_argument("--max-tokens", type=int, default=4096,
-                   help="padded tokens per batch and device, longer side (default 4096)")
+    p.add_argument("--epochs", type=int, help="passes over the data (default 10, more for a small corpus: "
+                   "at least 2000 steps in all)")
+    p.add_argument("--max-tokens", type=int, help="padded tokens per batch and device, longer side "
+                   "(default 4096, less for a corpus too small for 64 batches an epoch)")
     p.add_argument("--batch-size", type=int, help="also cap pairs per batch and device (default: no cap)")
     p.add_argument("--train-size", type=int, default=40_000, help="pairs generated per epoch, built-in task")
     p.add_argument("--valid-size", type=int, default=1_000, help="held-out pairs, built-in task (default 1000)")
@@ -507,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--out is required (except with --resume)")
         overrides = {k: getattr(args, k) for k in ("d_model", "encoder_layers", "decoder_layers", "n_heads", "d_ff",
                                                   "dropout") if getattr(args, k) is not None}
-        opts = TrainOptions(out=args.out, preset=args.preset, epochs=args.epochs or 10, max_tokens=args.max_tokens,
+        opts = TrainOptions(out=args.out, preset=args.preset, epochs=args.epochs, max_tokens=args.max_tokens,
                             batch_size=args.batch_size, train_size=args.train_size, valid_size=args.valid_size,
                             vocab_size=args.vocab_size, warmup=args.warmup, lr_scale=args.lr_scale,
                             clip_norm=args.clip_norm, label_smoothing=args.label_smoothing, seed=args.seed,

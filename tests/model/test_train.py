@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from seqserve.model.checkpoint import load_checkpoint
-from seqserve.model.schedule import auto_warmup, noam_lr, peak_lr, scheduled_lr
+from seqserve.model.schedule import auto_epochs, auto_warmup, noam_lr, peak_lr, scheduled_lr
 from seqserve.model.train import TrainOptions, train
 from seqserve.server.cli import main as seqserve
 
@@ -29,6 +29,8 @@ def test_schedule_is_the_papers_at_its_warmup_and_keeps_its_peak_for_short_warmu
     assert max(noam_lr(s, 128, 60) for s in range(1, 500)) > 8 * peak_lr(128)
     assert scheduled_lr(240, 128, 60) == pytest.approx(peak_lr(128) / 2)  # inverse square root after it
     assert [auto_warmup(n) for n in (10, 2000, 40_000, 10 ** 6)] == [50, 100, 2000, 4000]
+    # At least 2000 updates: a small corpus gets more epochs, a large one the usual 10.
+    assert [auto_epochs(n) for n in (5, 64, 200, 5000)] == [200, 32, 10, 10]
 
 
 def test_training_writes_checkpoint_metrics_plot_and_tokenizer(trained_dir: Path) -> None:
