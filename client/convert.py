@@ -247,8 +247,15 @@ def chunk(items: list[str], size: int) -> list[list[str]]:
     return [items[i:i + size] for i in range(0, len(items), max(1, size))]
 
 
+MAX_REQUEST_ID = 128  # characters: the server refuses longer ids (proto/seqserve.proto)
+
+
 def chunk_request_id(request_id: str | None, index: int, count: int) -> str:
-    """The id of one chunk of a split call: the caller's id with '.N' when there are several chunks."""
+    """The id of one chunk of a split call: the caller's id with '.N' when there are several chunks
+    (the id shortened as needed so that the whole stays within MAX_REQUEST_ID characters)."""
     if not request_id:
         return ""
-    return request_id if count == 1 else f"{request_id}.{index}"
+    if count == 1:
+        return request_id
+    suffix = f".{index}"
+    return request_id[: MAX_REQUEST_ID - len(suffix)] + suffix

@@ -533,7 +533,9 @@ class SeqServeService(pb_grpc.SeqServeServicer):
             providers=backend.providers,
             encoder_sha256=backend.model_dir.digest("encoder"), decoder_sha256=backend.model_dir.digest("decoder"),
             limits=pb.ServerLimits(max_batch_size=limits.max_batch_size, max_queue=limits.max_queue,
-                                   max_inputs_per_request=limits.max_inputs_per_request,
+                                   # No more than the queue can take at once: a call of more inputs
+                                   # could never be admitted (refused as INVALID_ARGUMENT).
+                                   max_inputs_per_request=min(limits.max_inputs_per_request, limits.max_queue),
                                    max_new_tokens_limit=limits.max_new_tokens_limit, max_beams=limits.max_beams,
                                    max_return_sequences=limits.max_return_sequences,
                                    max_message_bytes=limits.max_message_bytes),

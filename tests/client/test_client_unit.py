@@ -72,6 +72,10 @@ def test_long_input_lists_are_chunked_with_derived_request_ids() -> None:
     assert convert.chunk_request_id("job", 1, 3) == "job.1"
     assert convert.chunk_request_id("job", 0, 1) == "job"
     assert convert.chunk_request_id(None, 0, 3) == ""
+    # A caller's id of the longest length the server takes stays within it once ".N" is added.
+    longest = "x" * convert.MAX_REQUEST_ID
+    assert convert.chunk_request_id(longest, 12, 20) == "x" * (convert.MAX_REQUEST_ID - 3) + ".12"
+    assert convert.chunk_request_id(longest, 0, 1) == longest
 
 
 def test_option_docs_cover_every_keyword_option_of_every_method() -> None:

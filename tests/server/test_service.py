@@ -206,6 +206,15 @@ def test_model_info(server: Any, model_dir: Path) -> None:
     assert list(info.providers) == ["CPUExecutionProvider"]
     assert len(info.encoder_sha256) == 64 and info.decoder_sha256.startswith(info.model_version)
     assert info.limits.max_batch_size == 32 and info.limits.max_inputs_per_request == 64
+    assert (info.layout.engine_core, info.layout.frontends, info.layout.intra_op_threads) == ("thread", 1, 1)
+    assert info.layout.cores >= 1 and info.layout.stream_interval == 1 and info.layout.intra_op_spinning == "on"
+
+
+def test_model_info_advertises_no_more_inputs_per_call_than_the_queue_takes(tiny_server: Any) -> None:
+    # max_inputs_per_request 32 but max_queue 1: a call of 2 inputs could never be admitted, so a
+    # client that splits its calls by the advertised limit must be told 1.
+    info = tiny_server.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=TIMEOUT)
+    assert info.limits.max_queue == 1 and info.limits.max_inputs_per_request == 1
 
 
 # -- deadlines, cancellation, backpressure ---------------------------------------------------
