@@ -10,8 +10,8 @@ while long ones decode joins at the next step instead of waiting for them (TGI's
 
 No threads and no clocks of its own: time is read only from the `clock` it is given (deadlines and
 timings are on that clock). Whatever decodes drives it: the server's thread (`scheduler.Scheduler`),
-the worker process (`worker.run_worker`), `translate` and `bench` through the scheduler; its tests
-call `step()` directly with a fake engine and a fake clock.
+the engine core process (`engine_core.run_engine_core`), `translate` and `bench` through the
+scheduler; its tests call `step()` directly with a fake engine and a fake clock.
 
 A failure caused by one request fails that request alone: its token choice is guarded per
 request, and a decoder step that raises is retried request by request to find the one that fails

@@ -1,5 +1,5 @@
 """The server's log lines: JSON objects (one per line) or plain text, each with the record's
-`fields`; shared by the server process and its decoding worker process.
+`fields`; shared by the supervisor, the front-ends and the engine core process.
 
 One record is always exactly one line, whatever its message and fields hold (a request id, an
 error message, a traceback): a caller must not be able to start a line of its own and forge a

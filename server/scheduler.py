@@ -85,7 +85,7 @@ def admit_deadline(loop: DecodeLoop, ahead: int, params: GenerationParams, deadl
 
 class RequestScheduler(Protocol):
     """What the service needs of a scheduler: `Scheduler` (a thread of the server process) or
-    `worker.ProcessScheduler` (a process of its own)."""
+    `engine_core.EngineCoreClient` (the engine core process)."""
 
     def submit(self, source_ids: list[int], params: GenerationParams, *, deadline: float | None = None,
                on_token: TokenCallback | None = None) -> RequestHandle: ...

@@ -154,7 +154,7 @@ class LoopMailbox:
     `loop.call_soon_threadsafe` per token writes to the loop's self-pipe every time: with 32
     streams that is 32 wake-ups per decoder step. Posting here queues the call and wakes the loop
     only when no drain is already pending, so one step's tokens cost one wake-up. Posts made on
-    the loop's own thread (the worker process's events are read there) run at once, unless calls
+    the loop's own thread (the engine core's events are read there) run at once, unless calls
     from another thread are still queued: they keep their order.
     """
 
@@ -197,7 +197,7 @@ def watch(handle: RequestHandle, mailbox: LoopMailbox) -> asyncio.Future[Request
     """An event-loop future mirroring the scheduler's concurrent future.
 
     Not `asyncio.wrap_future`: cancelling that one would cancel the scheduler's future from this
-    side; here a cancelled waiter only stops listening, and `handle.cancel()` asks the worker.
+    side; here a cancelled waiter only stops listening, and `handle.cancel()` asks the scheduler.
     The result travels through the same mailbox as the request's tokens, so it never overtakes them.
     """
     waiter: asyncio.Future[RequestResult] = mailbox.loop.create_future()
