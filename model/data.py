@@ -274,8 +274,9 @@ def read_tsv(path: str | os.PathLike) -> list[Pair]:
 # Tokenizer training (loading, special ids, encoding and decoding: seqserve.runtime.tokenizer)
 # ---------------------------------------------------------------------------------------------
 
-def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 8000) -> tokenizers.Tokenizer:
-    """Train a BPE tokenizer on `texts` with the special tokens at ids 0..3."""
+def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 8000, min_frequency: int = 1) -> tokenizers.Tokenizer:
+    """Train a BPE tokenizer on `texts` with the special tokens at ids 0..3; a merge needs to be
+    seen `min_frequency` times to become a token."""
     if vocab_size <= len(SPECIAL_TOKENS):
         raise DataError(
             f"vocab_size must exceed {len(SPECIAL_TOKENS)} (the special tokens), got {vocab_size}"
@@ -292,7 +293,7 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 8000) -> tokenize
     # than `vocab_size` (the dates task), the trainer simply stops with a smaller vocabulary.
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        min_frequency=1,
+        min_frequency=min_frequency,
         special_tokens=list(SPECIAL_TOKENS),
         show_progress=False,
     )

@@ -64,6 +64,7 @@ class TrainOptions:
     train_size: int = 40_000  # pairs generated per epoch for a built-in task
     valid_size: int = 1_000  # held-out pairs for a built-in task
     vocab_size: int = 8_000
+    min_frequency: int = 10  # a BPE merge seen fewer times is no token: its embedding could not be learned
     warmup: int | None = None  # warm-up steps; None: 5% of the planned steps (50..4000)
     lr_scale: float = 1.0  # multiplies the schedule's peak, the paper's for the model's width
     clip_norm: float = 1.0  # gradient norm clipping; 0 turns it off
@@ -252,7 +253,8 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
         tokenizer_json = state["tokenizer"]
     else:  # trained once, on rank 0, so every rank has the very same vocabulary
         tokenizer_json = from_main(train_tokenizer((t for p in train_pairs for t in (p.source, p.target)),
-                                                   vocab_size=opts.vocab_size).to_str() if world.is_main else None,
+                                                   vocab_size=opts.vocab_size,
+                                                   min_frequency=opts.min_frequency).to_str() if world.is_main else None,
                                    world)
     tokenizer = tokenizer_from_str(tokenizer_json)
     if state is not None:
@@ -481,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-size", type=int, default=40_000, help="pairs generated per epoch, built-in task")
     p.add_argument("--valid-size", type=int, default=1_000, help="held-out pairs, built-in task (default 1000)")
     p.add_argument("--vocab-size", type=int, default=8_000, help="tokenizer vocabulary ceiling (default 8000)")
+    p.add_argument("--min-frequency", type=int, default=10,
+                   help="occurrences a BPE merge needs to become a token (default 10)")
     p.add_argument("--max-source-len", type=int, default=256, help="longest source in tokens (default 256)")
     p.add_argument("--max-target-len", type=int, default=256, help="longest target in tokens (default 256)")
     p.add_argument("--warmup", type=int, help="warm-up steps (default: 5%% of the planned steps, 50-4000)")
@@ -517,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   "dropout") if getattr(args, k) is not None}
         opts = TrainOptions(out=args.out, preset=args.preset, epochs=args.epochs, max_tokens=args.max_tokens,
                             batch_size=args.batch_size, train_size=args.train_size, valid_size=args.valid_size,
-                            vocab_size=args.vocab_size, warmup=args.warmup, lr_scale=args.lr_scale,
+                            vocab_size=args.vocab_size, min_frequency=args.min_frequency, warmup=args.warmup, lr_scale=args.lr_scale,
                             clip_norm=args.clip_norm, label_smoothing=args.label_smoothing, seed=args.seed,
                             device=args.device, precision=args.precision, threads=args.threads,
                             max_minutes=args.max_minutes, target_exact_match=args.target_exact_match,
