@@ -109,10 +109,21 @@ def test_two_front_ends_share_the_port_the_engine_and_the_metrics(serve_process:
         with Client(f"127.0.0.1:{port}", connections=5, max_inputs_per_call=1) as client:
             assert len({r.text for r in client.generate(["nov 5 1999"] * 10)}) == 1  # 10 calls
             assert sum(connections_of(pid, port) for pid in frontends) == before + 5
+        # SIGTERM with calls in flight on every front-end: each drains, the calls finish.
+        os.kill(engine, signal.SIGSTOP)  # nothing finishes before SIGTERM is handled
+        try:
+            calls = [pb_grpc.SeqServeStub(c).GenerateStream(pb.GenerateStreamRequest(input="nov 5 1999", options=LONG),
+                                                            timeout=TIMEOUT) for c in channels]
+            wait_until(lambda: metric(metrics_port, "seqserve_calls_in_flight") == CHANNELS)
+            process.proc.send_signal(signal.SIGTERM)
+            process.wait_for_event("draining")
+        finally:
+            os.kill(engine, signal.SIGCONT)
+        for call in calls:
+            assert len(list(call)[-1].result.sequences[0].token_ids) == 24
     finally:
         for channel in channels:
             channel.close()
-    process.proc.send_signal(signal.SIGTERM)
     assert process.proc.wait(TIMEOUT) == 0
     assert process.wait_for_event("stopped")["drained"] is True
     assert not any(alive(pid) for pid in [*frontends, engine]), "a child outlived the supervisor"
