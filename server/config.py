@@ -76,7 +76,9 @@ class ServerConfig:
     # single busy client is refused by the queue, as others are, rather than held back here.
     max_concurrent_streams: int = 256
     max_metadata_bytes: int = 8 << 10  # largest request metadata (all headers of one call); beyond it refused
-    stream_interval: int = 1  # GenerateStream: tokens per message after the first (1: every token at once)
+    # GenerateStream: tokens per message after the first (1: every token at once; 0: auto, more per
+    # message as more streams share the front-end: `service.stream_interval`)
+    stream_interval: int = 0
     grace_period_s: float = 20.0  # on SIGTERM/SIGINT, how long in-flight calls get to finish
     log_format: str = "json"  # json (one object per line) | text
     log_level: str = "info"
@@ -126,7 +128,7 @@ class ServerConfig:
             ("max_message_bytes", 1024 <= self.max_message_bytes < 2**31, "must be in 1024..2147483647"),
             ("max_concurrent_streams", 1 <= self.max_concurrent_streams < 2**31, "must be in 1..2147483647"),
             ("max_metadata_bytes", 1024 <= self.max_metadata_bytes < 2**31, "must be in 1024..2147483647"),
-            ("stream_interval", 1 <= self.stream_interval <= 1024, "must be in 1..1024"),
+            ("stream_interval", 0 <= self.stream_interval <= 1024, "must be in 0..1024 (0 = auto)"),
             ("grace_period_s", math.isfinite(self.grace_period_s) and self.grace_period_s >= 0, "must be >= 0"),
             ("log_format", self.log_format in LOG_FORMATS, f"must be one of {', '.join(LOG_FORMATS)}"),
             ("log_level", self.log_level in LOG_LEVELS, f"must be one of {', '.join(LOG_LEVELS)}"),
@@ -223,7 +225,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_metadata_bytes", int, "largest metadata (headers) of one call in bytes; beyond it the call "
             "is refused"),
     Setting("stream_interval", int, "GenerateStream sends the first token at once, then a message per this "
-            "many tokens (fewer messages per token under load; the last ones ride on the final message)"),
+            "many tokens (the last ones ride on the final message); 0 = auto: 1 while few streams are open, "
+            "one more per 16 open streams on a front-end, up to 4 (fewer messages per token under load)"),
     Setting("grace_period_s", float, "seconds in-flight calls get to finish on SIGTERM/SIGINT"),
     Setting("log_format", str, "log lines as JSON objects or plain text", LOG_FORMATS),
     Setting("log_level", str, "least severe level logged", LOG_LEVELS),
@@ -345,4 +348,4 @@ def describe_layout(config: ServerConfig) -> str:
     """One line of the choices `resolve_layout` made, for the start-up log."""
     return (f"{config.cores} cores: engine core in a {config.engine_core}, {config.intra_op_threads} ONNX Runtime "
             f"thread(s) (spinning {config.intra_op_spinning}), {config.frontends} gRPC front-end(s), "
-            f"stream messages carry every token waiting (interval {config.stream_interval})")
+            f"stream messages every {config.stream_interval or 'auto (1-4)'} token(s), more when the client lags")

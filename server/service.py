@@ -62,6 +62,7 @@ _REQUEST_ID = re.compile(rf"[\x21-\x7e]{{1,{MAX_REQUEST_ID}}}")
 REQUEST_ID_RULE = (f"must be 1 to {MAX_REQUEST_ID} printable ASCII characters without spaces "
                    "(or empty: the server makes one)")
 
+STREAMS_PER_TOKEN, MAX_AUTO_INTERVAL = 16, 4  # --stream-interval 0 (auto): `stream_interval`
 PUSHBACK_KEY = "grpc-retry-pushback-ms"  # trailing metadata of RESOURCE_EXHAUSTED: when to retry, or -1: don't
 PUSHBACK_DEFAULT_S = 0.1  # before any input finished: no measured queue wait yet
 PUSHBACK_MIN_S, PUSHBACK_MAX_S = 0.01, 10.0  # never 0 after the spread: gRPC never sends a retry due at 0 ms
@@ -252,6 +253,17 @@ def add_to_server(service: SeqServeService, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
+def stream_interval(configured: int, streams: int) -> int:
+    """Tokens per GenerateStream message after the first: `--stream-interval` when set, else (0,
+    auto) one more per STREAMS_PER_TOKEN streams open on this front-end, up to MAX_AUTO_INTERVAL:
+    every token at once while streams are few, fewer and larger messages (less gRPC work per
+    token) when many share the front-end. The first token never waits, and the last rides on the
+    final message."""
+    if configured:
+        return configured
+    return min(MAX_AUTO_INTERVAL, 1 + streams // STREAMS_PER_TOKEN)
+
+
 def valid_request_id(request_id: str) -> bool:
     """Whether a caller's request id may be used as is (in the trailer, the response, the logs)."""
     return _REQUEST_ID.fullmatch(request_id) is not None
@@ -276,6 +288,7 @@ class SeqServeService(pb_grpc.SeqServeServicer):
         self.stopping = False
         self._mailboxes: dict[asyncio.AbstractEventLoop, LoopMailbox] = {}
         self._in_flight = 0
+        self._streams = 0  # GenerateStream calls open on this front-end, for the auto interval
         self._idle = asyncio.Event()
         self._idle.set()
         self.queue_wait_s: float | None = None  # moving average of finished inputs' queue time (pushback)
@@ -348,10 +361,11 @@ class SeqServeService(pb_grpc.SeqServeServicer):
             try:
                 texts: dict[int, _TextStream] = {}
                 beam = item.params.strategy is Strategy.BEAM
-                interval = self.config.stream_interval
                 pending: list[pb.TokenPiece] = []
                 sent_any = finished = False
+                self._streams += 1
                 while not finished:
+                    interval = stream_interval(self.config.stream_interval, self._streams)
                     # Everything waiting is taken at once: one token when the client keeps up,
                     # several when it does not (fewer, larger writes instead of a growing backlog).
                     batch = [await events.get()]
@@ -373,13 +387,14 @@ class SeqServeService(pb_grpc.SeqServeServicer):
                         if event.alignment is not None:
                             piece.alignment.extend(event.alignment.tolist())
                         pending.append(piece)
-                    # The first token goes at once; then a message per `stream_interval` tokens;
+                    # The first token goes at once; then a message per `interval` tokens;
                     # tokens still pending at the end ride on the final message.
                     if pending and not finished and (not sent_any or len(pending) >= interval):
                         yield pb.GenerateStreamResponse(tokens=pending)
                         pending, sent_any = [], True
                 result = done.result()
             finally:
+                self._streams -= 1
                 if not handle.future.done():
                     handle.cancel()
                 if not done.done():

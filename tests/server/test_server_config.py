@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from seqserve.server import config as config_module
+from seqserve.server.service import stream_interval
 from seqserve.server.config import (ConfigError, ServerConfig, available_cores, describe_layout, parse_args,
                                     resolve_layout)
 
@@ -127,7 +128,12 @@ def test_available_cores_follow_the_affinity_and_the_cgroup_quota(monkeypatch: p
 
 
 def test_stream_interval_is_checked() -> None:
-    assert parse_args(["m"], environ={}).stream_interval == 1
+    assert parse_args(["m"], environ={}).stream_interval == 0  # auto
     assert parse_args(["m", "--stream-interval", "4"], environ={}).stream_interval == 4
     with pytest.raises(ConfigError, match=r"stream_interval \(--stream-interval, SEQSERVE_STREAM_INTERVAL\)"):
-        parse_args(["m", "--stream-interval", "0"], environ={})
+        parse_args(["m", "--stream-interval", "-1"], environ={})
+
+
+def test_the_auto_stream_interval_grows_with_the_open_streams() -> None:
+    assert [stream_interval(0, n) for n in (1, 15, 16, 31, 32, 48, 64, 1000)] == [1, 1, 2, 2, 3, 4, 4, 4]
+    assert [stream_interval(3, n) for n in (1, 1000)] == [3, 3]  # as configured, whatever the load

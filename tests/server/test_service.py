@@ -207,7 +207,7 @@ def test_model_info(server: Any, model_dir: Path) -> None:
     assert len(info.encoder_sha256) == 64 and info.decoder_sha256.startswith(info.model_version)
     assert info.limits.max_batch_size == 32 and info.limits.max_inputs_per_request == 64
     assert (info.layout.engine_core, info.layout.frontends, info.layout.intra_op_threads) == ("thread", 1, 1)
-    assert info.layout.cores >= 1 and info.layout.stream_interval == 1 and info.layout.intra_op_spinning == "on"
+    assert info.layout.cores >= 1 and info.layout.stream_interval == 0 and info.layout.intra_op_spinning == "on"
 
 
 def test_model_info_advertises_no_more_inputs_per_call_than_the_queue_takes(tiny_server: Any) -> None:
