@@ -212,7 +212,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("deadline_admission", str, "refuse at once (RESOURCE_EXHAUSTED, with a retry hint) a call whose "
             "deadline the queue ahead is likely to outlast, instead of queueing work that would be thrown "
             "away (on), or let it queue (off)", ON_OFF),
-    Setting("max_concurrent_rpcs", int, "most calls the server runs at once, health and reflection counted; "
+    Setting("max_concurrent_rpcs", int, "most calls a front-end process runs at once, health and reflection "
+            "counted; "
             "beyond it gRPC answers RESOURCE_EXHAUSTED before any handler runs; 0 = max queue + max batch "
             f"size + {RPC_HEADROOM_DOC}"),
     Setting("max_inputs_per_request", int, "most inputs in one Generate call"),
