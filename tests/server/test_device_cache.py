@@ -85,15 +85,17 @@ def test_greedy_rows_joining_and_leaving_match_numpy(host: OnnxSeq2Seq, forced: 
     spies = {name: Spy(getattr(ops, name)) for name in ("decode", "take", "pad_concat")}
     for name, spy in spies.items():
         monkeypatch.setattr(ops, name, spy)
-    max_new = host.config.max_target_len
     # Six rows for 24 requests: most join a running batch with a longer cache and another source
-    # length, and every step some rows leave, so the cache and sources are trimmed too.
-    requests = [(s, GenerationParams(max_new, return_log_probs=i % 3 == 0, return_alignments=i % 4 == 0))
-                for i, s in enumerate(sources)]
+    # length, and every step some rows leave, so the cache and sources are trimmed too. The lengths
+    # differ by request whatever the model says (where it puts EOS depends on how it trained).
+    lengths = [3 + (5 * i) % 9 for i in range(len(sources))]  # 3..11 tokens, shorter than most answers
+    requests = [(s, GenerationParams(n, return_log_probs=i % 3 == 0, return_alignments=i % 4 == 0))
+                for i, (s, n) in enumerate(zip(sources, lengths))]
     on_host = serve_all(host, requests, max_batch_size=6)
     on_device = serve_all(forced, requests, max_batch_size=6)
     assert [plain(r) for r in on_device] == [plain(r) for r in on_host]
-    assert [r.sequences[0].token_ids for r in on_host] == greedy_generate(host, sources, max_new_tokens=max_new)
+    assert [r.sequences[0].token_ids for r in on_host] == [
+        greedy_generate(host, [s], max_new_tokens=n)[0] for s, n in zip(sources, lengths)]
 
     # Every step ran on OrtValues: past K/V came from the previous step, not from the host.
     assert spies["decode"].calls
