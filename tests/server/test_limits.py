@@ -6,6 +6,7 @@ metadata (`--max-metadata-bytes`) and of a request message, compressed or not
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import threading
@@ -67,12 +68,21 @@ def test_limit_settings_defaults_and_bounds() -> None:
             ServerConfig("/model", **{field: value})
 
 
+# A stream the client opens just as another one closes can still count against the server's limit
+# and be refused (HTTP/2 REFUSED_STREAM, which gRPC reports as UNAVAILABLE): such a call never
+# reached the server, and clients retry it (the client library does; so does this channel).
+RETRY_REFUSED = json.dumps({"methodConfig": [{"name": [{"service": "seqserve.v1.SeqServe"}], "retryPolicy": {
+    "maxAttempts": 5, "initialBackoff": "0.01s", "maxBackoff": "0.1s", "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"]}}]})
+
+
 def test_more_calls_than_the_stream_limit_on_one_connection_wait_their_turn(start_server: Callable[..., Any]) -> None:
     running = start_server(max_concurrent_streams=2)
-    stub = running.stub
+    channel = grpc.insecure_channel(running.address, options=[("grpc.service_config", RETRY_REFUSED)])
+    stub = pb_grpc.SeqServeStub(channel)
     stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=TIMEOUT)  # the connection's settings are agreed first
     request = pb.GenerateRequest(inputs=["1 May 2000"], options=FORCED)
-    with running.slow_decode(0.05), PeakInFlight(running) as peak:
+    with channel, running.slow_decode(0.05), PeakInFlight(running) as peak:
         calls = [stub.Generate.future(request, timeout=TIMEOUT) for _ in range(6)]
         running.wait_until(lambda: running.server.service.in_flight == 2, TIMEOUT)
         # Another connection is not held back by this one's limit (a call without decoding, so it
