@@ -139,6 +139,22 @@ def measure(model_dir: str, *, batch: int, new_tokens: int, source_len: int, thr
     }
 
 
+def measure_in_child(model_dir: str | Path, *, batch: int, new_tokens: int, source_len: int, threads: int,
+                     budget: float, min_reps: int = 3, max_reps: int = 10, device: str = "cpu",
+                     spinning: str = "on", io_binding: str = "auto", command: str = "seqserve bench") -> dict[str, Any]:
+    """`measure` in a fresh process (`seqserve bench --child`), so that each batch size has its own
+    thread pools and peak RSS; a failed child is a SystemExit naming `command` and the batch."""
+    cmd = [sys.executable, "-m", "seqserve.bench.bench", "--child", "--model-dir", str(model_dir),
+           "--batch", str(batch), "--new-tokens", str(new_tokens), "--source-len", str(source_len),
+           "--threads", str(threads), "--budget", str(budget), "--min-reps", str(min_reps),
+           "--max-reps", str(max_reps), "--device", device, "--spinning", spinning, "--io-binding", io_binding]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{command}: batch {batch} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(lines[-1])
+
+
 def model_dims(model_dir: Path) -> dict[str, int]:
     """The dims a peer engine needs to build the same model, from a model directory's config.json."""
     from seqserve.runtime import names
@@ -225,16 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     label = args.preset if not (args.dims or args.model_dir) else str(model_dir.name)
     rows: list[dict] = []
     for batch in args.batch:
-        cmd = [sys.executable, "-m", "seqserve.bench.bench", "--child", "--model-dir", str(model_dir),
-               "--batch", str(batch), "--new-tokens", str(args.new_tokens), "--source-len", str(args.source_len),
-               "--threads", str(args.threads), "--budget", str(args.budget), "--min-reps", str(args.min_reps),
-               "--max-reps", str(args.max_reps), "--device", args.device, "--spinning", args.spinning,
-               "--io-binding", args.io_binding]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if proc.returncode or not lines:
-            raise SystemExit(f"seqserve bench: batch {batch} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-        record = {**json.loads(lines[-1]), "dims": label, "quantize": args.quantize}
+        record = {**measure_in_child(model_dir, batch=batch, new_tokens=args.new_tokens,
+                                     source_len=args.source_len, threads=args.threads, budget=args.budget,
+                                     min_reps=args.min_reps, max_reps=args.max_reps, device=args.device,
+                                     spinning=args.spinning, io_binding=args.io_binding),
+                  "dims": label, "quantize": args.quantize}
         print(json.dumps(record), flush=True)
         rows.append(record)
     reference: dict[int, dict] = {}

@@ -194,24 +194,18 @@ def _load_name(row: dict[str, Any]) -> str:
 def in_process(args: argparse.Namespace, levels: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
     """The engine alone (`seqserve bench`'s measurement, each batch in a fresh process) at batch 1 and
     at every level's batch: what the served figures are compared with."""
+    from seqserve.bench.bench import measure_in_child
+
     batches = sorted({1, *(c * k for _, c, k in levels)})
     device = args.device
     if device == "auto":
         import onnxruntime
 
         device = "cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
-    records = []
-    for batch in batches:
-        cmd = [sys.executable, "-m", "seqserve.bench.bench", "--child", "--model-dir", args.model_dir, "--batch",
-               str(batch), "--new-tokens", str(args.max_new_tokens), "--source-len", "12", "--threads",
-               str(args.threads or len(os.sched_getaffinity(0))), "--budget", str(args.duration), "--device", device]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if proc.returncode or not lines:
-            raise SystemExit(f"seqserve bench-serve: in-process batch {batch} failed: "
-                             f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-        records.append(json.loads(lines[-1]))
-    return records
+    return [measure_in_child(args.model_dir, batch=batch, new_tokens=args.max_new_tokens, source_len=12,
+                             threads=args.threads or len(os.sched_getaffinity(0)), budget=args.duration,
+                             device=device, command="seqserve bench-serve: in-process")
+            for batch in batches]
 
 
 def main(argv: list[str] | None = None) -> int:
