@@ -68,6 +68,7 @@ STOP_TIMEOUT_S = 10.0  # after `Stop`: the engine core fails what it still holds
 RECONNECT_INTERVAL_S = 0.05  # a front-end's retries while the engine core restarts
 DEFAULT_ENGINE = "seqserve.runtime.engine:OnnxSeq2Seq"
 _ID_BITS = 32  # a request's id in the loop: front-end number << _ID_BITS | the front-end's own id
+_ID_MASK = (1 << _ID_BITS) - 1
 
 
 @dataclass(frozen=True)
@@ -468,22 +469,26 @@ class _FrontEnd:
             self.broken = True
 
 
+def _owner(frontends: dict[int, _FrontEnd], loop_id: int) -> tuple[_FrontEnd | None, int]:
+    """The front-end a loop id belongs to (None: it is gone), and the front-end's own id for it."""
+    return frontends.get(loop_id >> _ID_BITS), loop_id & _ID_MASK
+
+
 def _route(events: StepEvents, frontends: dict[int, _FrontEnd]) -> None:
     """One step's events into the reports of the front-ends whose requests they are."""
-    mask = (1 << _ID_BITS) - 1
     for loop_id, event in events.tokens:
-        fe = frontends.get(loop_id >> _ID_BITS)
+        fe, request_id = _owner(frontends, loop_id)
         if fe is not None:
-            fe.report.tokens.add(loop_id & mask, event)
+            fe.report.tokens.add(request_id, event)
     for loop_id, result in events.finished:
-        fe = frontends.get(loop_id >> _ID_BITS)
+        fe, request_id = _owner(frontends, loop_id)
         if fe is not None:
-            fe.report.done.append(messages.Done(loop_id & mask, result))
+            fe.report.done.append(messages.Done(request_id, result))
             fe.ids.discard(loop_id)
     for loop_id, error in events.failed:
-        fe = frontends.get(loop_id >> _ID_BITS)
+        fe, request_id = _owner(frontends, loop_id)
         if fe is not None:
-            fe.fail(loop_id & mask, error)
+            fe.fail(request_id, error)
             fe.ids.discard(loop_id)
     greeted = [number for number, fe in frontends.items() if fe.greeted]
     if greeted:
@@ -590,11 +595,10 @@ def run_engine_core(listener: socket.socket, status: Connection, options: Engine
             if fe.broken:
                 drop(fe)
     stopped = errors.Unavailable("server stopped before the request finished")
-    mask = (1 << _ID_BITS) - 1
     for loop_id in loop.fail_all():
-        fe = frontends.get(loop_id >> _ID_BITS)
+        fe, request_id = _owner(frontends, loop_id)
         if fe is not None:
-            fe.fail(loop_id & mask, stopped)
+            fe.fail(request_id, stopped)
     for fe in frontends.values():
         fe.flush(0, 0, force=True)
         fe.conn.close()
