@@ -35,6 +35,7 @@ from seqserve.model.loss import label_smoothed_nll_sum
 from seqserve.model.progress import Progress
 from seqserve.model.resume import STATE_FILE, load_training_state, save_training_state
 from seqserve.model.schedule import DivergenceCheck, auto_epochs, auto_warmup, scheduled_lr
+from seqserve.model.threads import ThreadTuner, thread_candidates
 from seqserve.model.transformer import Transformer, count_parameters, greedy_decode
 from seqserve.runtime.config import BASE, ModelConfig
 from seqserve.runtime.errors import DataError, SeqserveError
@@ -73,7 +74,7 @@ class TrainOptions:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # auto, bf16 or fp32: auto is bf16 autocast where the device has bf16 units
-    threads: int | None = None  # CPU threads for torch; None: one per core but one (default_threads)
+    threads: int | None = None  # CPU threads for torch; None: picked by timing steps (threads.py) on a CPU
     max_minutes: float | None = None  # wall-clock budget: no epoch starts that would end past it
     target_exact_match: float | None = None  # stop once validation reaches it
     max_source_len: int = 256
@@ -234,10 +235,11 @@ def train(task: str | None, data: str | None, valid: str | None, opts: TrainOpti
 
 
 def default_threads(device: torch.device) -> int:
-    """CPU threads for torch: one core left free (for the process's own Python, collation and
-    whatever else runs on the machine). torch's default, one thread per core, waits at every
-    parallel region for the slowest thread: on 2 cores with anything else running, that one
-    thread gets a fraction of its core and a step took 1.3-4x as long as with one thread."""
+    """CPU threads for torch before the tuner has timed any (and for every step of a distributed
+    run): one core left free (for the process's own Python, collation and whatever else runs on
+    the machine). torch's default, one thread per core, waits at every parallel region for the
+    slowest thread: on 2 cores with anything else running, that one thread gets a fraction of its
+    core and a step took 1.3-4x as long as with one thread."""
     if device.type != "cpu":
         return torch.get_num_threads()
     return max(1, len(os.sched_getaffinity(0)) - 1)
@@ -284,6 +286,9 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: scheduled_lr(s + 1, cfg.d_model, warmup, opts.lr_scale))
     divergence = DivergenceCheck()
+    tuner = None  # on one machine's CPU without --threads: the thread count that trains fastest now
+    if opts.threads is None and device.type == "cpu" and not world.distributed and len(thread_candidates()) > 1:
+        tuner = ThreadTuner(thread_candidates())
     snapshots = EpochSnapshots(opts.out, opts.average_last) if opts.average_last > 0 else None
     history: dict[str, list] = {"train_loss": [], "valid": []}
     best: dict[str, Any] | None = None
@@ -339,6 +344,8 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
         if first and state is not None:  # resumed mid-epoch: the epoch's figures so far
             epoch_counts.update(state["epoch_counts"])
             epoch_start -= state["epoch_seconds"]
+        if tuner is not None:
+            tuner.restart_clock()
         for index in range(first, len(batches)):
             global_rows = batches[index]
             batch = collate(train_data, rank_rows(global_rows, world.rank, world.size), cfg)
@@ -365,16 +372,20 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
             epoch_counts["target_tokens"] += global_target_tokens
             epoch_counts["real_tokens"] += int(real)
             epoch_counts["padded_tokens"] += int(padded)
+            if tuner is not None:
+                tuner.step_done(global_target_tokens)
             if step % 10 == 0:
                 history["train_loss"].append((step, loss))
                 seconds = time.perf_counter() - epoch_start
                 progress.update(1, loss=f"{loss:.3f}", tok_s=f"{epoch_counts['target_tokens'] / seconds:.0f}",
                                 pad=f"{1 - epoch_counts['real_tokens'] / epoch_counts['padded_tokens']:.1%}",
-                                lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                                lr=f"{scheduler.get_last_lr()[0]:.2e}", threads=str(torch.get_num_threads()))
             else:
                 progress.update(1)
             if (opts.save_every and step % opts.save_every == 0) or time.monotonic() - last_save > SAVE_INTERVAL_S:
                 snapshot(epoch, index + 1)
+                if tuner is not None:
+                    tuner.restart_clock()
         progress.close()
         epoch_seconds = time.perf_counter() - epoch_start
         for k, v in epoch_counts.items():
@@ -386,12 +397,12 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
                        **evaluate(model, valid_data, tokenizer, device),
                        "target_tokens_per_s": round(epoch_counts["target_tokens"] / max(epoch_seconds, 1e-9)),
                        "padding_share": round(1 - epoch_counts["real_tokens"] / max(1, epoch_counts["padded_tokens"]), 4),
-                       "lr": scheduler.get_last_lr()[0]}
+                       "lr": scheduler.get_last_lr()[0], "threads": torch.get_num_threads()}
             history["valid"].append(metrics)
             log.info("epoch %d: exact match %.2f%%, BLEU %.1f, chrF %.1f, valid loss %.3f; %.0f target tokens/s, "
-                     "%.1f%% padding (%.0f s)", epoch, 100 * metrics["exact_match"], metrics["bleu"], metrics["chrf"],
-                     metrics["valid_loss"], metrics["target_tokens_per_s"], 100 * metrics["padding_share"],
-                     metrics["elapsed_s"])
+                     "%.1f%% padding, %d threads (%.0f s)", epoch, 100 * metrics["exact_match"], metrics["bleu"],
+                     metrics["chrf"], metrics["valid_loss"], metrics["target_tokens_per_s"],
+                     100 * metrics["padding_share"], metrics["threads"], metrics["elapsed_s"])
             if best is None or (metrics["exact_match"], -metrics["valid_loss"]) > (best["exact_match"], -best["valid_loss"]):
                 best = metrics
                 save_checkpoint(opts.out / "checkpoint.pt", Checkpoint(
@@ -498,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default auto)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="bf16 autocast or fp32 (default auto: bf16 where the hardware has it)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core, less one)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: picked by timing a few steps "
+                   "at each count, all cores and all but one, and checked again now and then)")
     p.add_argument("--max-minutes", type=float, help="time budget: no epoch starts that would end past it")
     p.add_argument("--target-exact-match", type=float, help="stop once validation exact match reaches this (0-1)")
     p.add_argument("--average-last", type=int, default=0, metavar="N",
