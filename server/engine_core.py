@@ -227,16 +227,21 @@ class EngineCoreClient:
     """The engine core, as one front-end's event loop drives it (a `RequestScheduler`)."""
 
     def __init__(self, address: str, config: ModelConfig, max_batch_size: int, loop: asyncio.AbstractEventLoop, *,
-                 observer: SchedulerObserver | None = None,
+                 observer: SchedulerObserver | None = None, max_queue: int | None = None,
                  on_lost: Callable[[str], None] | None = None) -> None:
         """`on_lost(reason)` is called on the event loop when the engine core went away and did
-        not come back within START_TIMEOUT_S; the server then reports NOT_SERVING."""
+        not come back within START_TIMEOUT_S; the server then reports NOT_SERVING.
+
+        `max_queue`, when given, is the engine core's: while its last report says the wait queue
+        is full, a request is refused here at once, without the round trip to the engine core
+        (which would refuse it too, unless a place freed in the meantime)."""
         self.address = address
         self.config = config
         self.max_batch_size = max_batch_size
         self.loop = loop
         self.observer = observer
         self.on_lost = on_lost
+        self.max_queue = max_queue
         self.providers: list[str] = []
         self.kv_cache_on_device = False
         self.pid: int | None = None  # the engine core's process id
@@ -325,11 +330,15 @@ class EngineCoreClient:
 
     def submit(self, source_ids: list[int], params: GenerationParams, *, deadline: float | None = None,
                on_token: TokenCallback | None = None) -> RequestHandle:
-        """Hand a request to the engine core. Invalid requests fail here; a full queue fails its
-        future with Overloaded as soon as the engine core answers (well under a millisecond)."""
+        """Hand a request to the engine core. Invalid requests fail here, and so does a request
+        the engine core's last report leaves no queue place for (Overloaded, without asking it);
+        otherwise a full queue fails its future with Overloaded as soon as the engine core answers
+        (before the decoder step it may be about to run)."""
         check_request(self.config, self.max_batch_size, source_ids, params)
         if self._closed:
             raise errors.Unavailable("server is shutting down")
+        if self.max_queue is not None and self._queue_depth >= self.max_queue:
+            raise errors.Overloaded(f"wait queue is full ({self.max_queue} requests); retry later")
         request_id = next(self._ids)
         handle = RequestHandle(lambda: self._send(messages.Cancel(request_id)))
         with self._lock:
@@ -588,6 +597,9 @@ def run_engine_core(listener: socket.socket, status: Connection, options: Engine
                         command(fe, messages.decode_command(fe.conn.recv_bytes()))
                 except (EOFError, OSError, ValueError):  # gone, or not speaking our messages
                     fe.broken = True
+        for fe in frontends.values():
+            if fe.report.errors:  # refusals go back now, not after the step about to run
+                fe.flush(loop.active_rows, loop.queued)
         if running and loop.has_work:
             _route(loop.step(), frontends)
         for fe in list(frontends.values()):

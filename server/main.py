@@ -82,7 +82,8 @@ class SeqServeServer:
                 await asyncio.to_thread(self.engine_core.start)
                 address = self.engine_core.address
             scheduler = EngineCoreClient(address, model_dir.config, config.max_batch_size, self._loop,
-                                         observer=self.metrics, on_lost=self._engine_lost)
+                                         observer=self.metrics, max_queue=config.max_queue,
+                                         on_lost=self._engine_lost)
             self.scheduler = scheduler
             await asyncio.to_thread(scheduler.connect)
             providers = scheduler.providers

@@ -136,19 +136,49 @@ def test_deadline_and_cancel_free_the_worker(slow_server: Any) -> None:
     assert decoder_steps(s) - before < 24
 
 
+def fill(server: Any, request: pb.GenerateRequest) -> tuple[Any, Any]:
+    """The slow server's one row and one queue place taken: (running call, queued call)."""
+    worker = worker_of(server)
+    running = server.stub.Generate.future(request, timeout=TIMEOUT)
+    server.wait_until(lambda: worker.active_rows == 1)
+    queued = server.stub.Generate.future(request, timeout=TIMEOUT)
+    server.wait_until(lambda: worker.queue_depth == 1)
+    return running, queued
+
+
 def test_full_queue_is_resource_exhausted(slow_server: Any) -> None:
     s, worker = slow_server, worker_of(slow_server)
     request = pb.GenerateRequest(inputs=[SOURCES[0]], options=LONG)
-    running = s.stub.Generate.future(request, timeout=TIMEOUT)
-    s.wait_until(lambda: worker.active_rows == 1)
-    queued = s.stub.Generate.future(request, timeout=TIMEOUT)
-    s.wait_until(lambda: worker.queue_depth == 1)
-    with pytest.raises(grpc.RpcError) as info:
-        s.stub.Generate(request, timeout=TIMEOUT)
+    running, queued = fill(s, request)
+    # Once the engine core has reported its queue full, the front-end refuses by itself, without
+    # the round trip: at once even while the engine core is stopped and could not answer.
+    assert worker.pid is not None
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            s.stub.Generate(request, timeout=5)
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in info.value.details()
     assert not running.done() and not queued.done()  # refused at once, not once a place came free
     running.cancel()
     queued.cancel()
+
+
+def test_a_cancelled_call_frees_its_queue_place_at_once(slow_server: Any) -> None:
+    """The queue depth the front-end refuses on never counts a cancelled request: its place is
+    free at the next step (the loop purges its queue at every step), not once a row frees."""
+    s, worker = slow_server, worker_of(slow_server)
+    request = pb.GenerateRequest(inputs=[SOURCES[0]], options=LONG)
+    running, queued = fill(s, request)
+    queued.cancel()
+    s.wait_until(lambda: worker.queue_depth == 0)
+    assert not running.done()  # 24 steps of 50 ms: the place came free long before a row did
+    admitted = s.stub.Generate.future(request, timeout=TIMEOUT)
+    s.wait_until(lambda: worker.queue_depth == 1)
+    assert not admitted.done() and not running.done()
+    running.cancel()
+    admitted.cancel()
 
 
 def test_a_worker_that_dies_fails_its_requests_and_is_replaced(slow_server: Any) -> None:
