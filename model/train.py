@@ -60,8 +60,8 @@ class TrainOptions:
     out: Path
     preset: str = "demo"
     epochs: int | None = None  # passes over the data; None: 10, or more for a run of at least 2000 steps
-    max_tokens: int | None = None  # padded tokens per batch and device (longer side); None: 4096, less
-    # for a corpus too small for 64 batches an epoch
+    max_tokens: int | None = None  # padded tokens per batch and device (longer side); None: 2048 on a CPU,
+    # 4096 on a GPU, less for a corpus too small for 64 batches an epoch
     batch_size: int | None = None  # optional cap on pairs per batch and device
     train_size: int = 40_000  # pairs generated per epoch for a built-in task
     valid_size: int = 1_000  # held-out pairs for a built-in task
@@ -274,7 +274,7 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
     if world.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if opts.max_tokens is None:
-        opts = replace(opts, max_tokens=first_data.auto_max_tokens())
+        opts = replace(opts, max_tokens=first_data.auto_max_tokens(device.type))
     if opts.max_tokens < 1:
         raise SeqserveError(f"--max-tokens must be at least 1, got {opts.max_tokens}")
     steps_per_epoch = len(_epoch_batches(first_data, 1, opts, world))
@@ -491,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="passes over the data (default 10, more for a small corpus: "
                    "at least 2000 steps in all)")
     p.add_argument("--max-tokens", type=int, help="padded tokens per batch and device, longer side "
-                   "(default 4096, less for a corpus too small for 64 batches an epoch)")
+                   "(default 2048 on a CPU, 4096 on a GPU, less for a corpus too small for 64 batches an epoch)")
     p.add_argument("--batch-size", type=int, help="also cap pairs per batch and device (default: no cap)")
     p.add_argument("--train-size", type=int, default=40_000, help="pairs generated per epoch, built-in task")
     p.add_argument("--valid-size", type=int, default=1_000, help="held-out pairs, built-in task (default 1000)")
