@@ -15,8 +15,11 @@ and counted as failed, so `sent == succeeded + failed` always holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
+import math
+import multiprocessing
 import random
 import time
 from collections.abc import Sequence
@@ -26,6 +29,7 @@ from typing import Any
 from seqserve.client.aio import AsyncClient
 from seqserve.client.errors import SeqserveClientError
 from seqserve.client.results import GenerationResult, TokenPiece
+from seqserve.runtime.errors import SeqserveError
 
 MODES = ("closed", "open")
 ARRIVALS = ("poisson", "uniform")
@@ -240,3 +244,106 @@ async def sweep(client: AsyncClient, texts: Sequence[str], specs: Sequence[LoadS
         if on_done is not None:
             on_done(result)
     return out
+
+
+# -- several sending processes --------------------------------------------------------------------
+# One Python process drives about a thousand calls a second at most (gRPC Python's per-call work);
+# a server with several front-ends on a machine of many cores needs more than one to be loaded.
+
+def split_spec(spec: LoadSpec, parts: int) -> list[LoadSpec]:
+    """Each of `parts` processes' share of one load level: the arrival rate (open loop) or the
+    callers (closed loop), the request count and the in-flight limit divided among them, each
+    process with its own arrival seed (Poisson streams at rate/parts add up to one at rate)."""
+    if parts < 1:
+        raise ValueError("processes must be >= 1")
+    if spec.mode == "closed" and spec.concurrency < parts:
+        raise ValueError(f"concurrency ({spec.concurrency}) must be at least the number of processes ({parts})")
+    if spec.requests is not None and spec.requests < parts:
+        raise ValueError(f"requests ({spec.requests}) must be at least the number of processes ({parts})")
+
+    def share(total: int, i: int) -> int:
+        return total // parts + (i < total % parts)
+
+    return [dataclasses.replace(
+        spec, concurrency=share(spec.concurrency, i) if spec.mode == "closed" else spec.concurrency,
+        rate=spec.rate / parts, requests=None if spec.requests is None else share(spec.requests, i),
+        max_in_flight=math.ceil(spec.max_in_flight / parts), seed=spec.seed + i) for i in range(parts)]
+
+
+def merge_results(spec: LoadSpec, parts: Sequence[RunResult]) -> RunResult:
+    """One level's result from its processes' (time.monotonic() is the same clock in all)."""
+    return RunResult(spec, [record for part in parts for record in part.records],
+                     min(part.started for part in parts), max(part.finished for part in parts),
+                     dropped=sum(part.dropped for part in parts),
+                     max_send_lag_s=max(part.max_send_lag_s for part in parts))
+
+
+def _process_main(conn: Any, client_kwargs: dict[str, Any], texts: list[str], options: dict[str, Any]) -> None:
+    """A sending process: connect, say ready, then run each level it is sent until told to stop."""
+    async def serve() -> None:
+        async with AsyncClient(**client_kwargs) as client:
+            await client.model_info()  # the server answers before anything is measured
+            conn.send(("ready", None))
+            while (job := await asyncio.to_thread(conn.recv)) is not None:
+                spec, warmup_s, start_at = job
+                await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+                await warm_up(client, texts, spec, options, warmup_s)
+                conn.send(("result", await run_load(client, texts, spec, options)))
+
+    try:
+        asyncio.run(serve())
+    except (Exception, KeyboardInterrupt) as exc:
+        with contextlib.suppress(OSError):
+            conn.send(("error", str(exc) if isinstance(exc, SeqserveClientError) else f"{type(exc).__name__}: {exc}"))
+
+
+def _expect(conn: Any, kind: str) -> Any:
+    try:
+        got, value = conn.recv()
+    except (EOFError, OSError):
+        raise SeqserveError("a load process exited before it finished") from None
+    if got == "error":
+        raise SeqserveError(f"a load process failed: {value}")
+    assert got == kind, (got, kind)
+    return value
+
+
+def sweep_in_processes(client_kwargs: dict[str, Any], texts: Sequence[str], specs: Sequence[LoadSpec],
+                       options: dict[str, Any] | None = None, *, processes: int, warmup_s: float = 0.0,
+                       on_done: Any = None, start_delay_s: float = 0.5) -> list[RunResult]:
+    """`sweep` with each level's load split over `processes` sending processes (each with its own
+    client and connections), started together and merged into one result per level."""
+    shares = [split_spec(spec, processes) for spec in specs]  # bad splits fail before anything starts
+    context = multiprocessing.get_context("spawn")  # not fork: gRPC's threads do not survive it
+    pipes, procs = [], []
+    try:
+        for i in range(processes):
+            parent, child = context.Pipe()
+            offset = i * len(texts) // processes  # each process starts elsewhere in the inputs
+            procs.append(context.Process(target=_process_main, name=f"seqserve-loadtest-{i}", daemon=True,
+                                         args=(child, client_kwargs, [*texts[offset:], *texts[:offset]],
+                                               dict(options or {}))))
+            procs[-1].start()
+            child.close()
+            pipes.append(parent)
+        for conn in pipes:
+            _expect(conn, "ready")
+        out = []
+        for spec, parts in zip(specs, shares):
+            start_at = time.monotonic() + start_delay_s
+            for conn, part in zip(pipes, parts):
+                conn.send((part, warmup_s, start_at))
+            result = merge_results(spec, [_expect(conn, "result") for conn in pipes])
+            out.append(result)
+            if on_done is not None:
+                on_done(result)
+        return out
+    finally:
+        for conn in pipes:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 from seqserve.client.aio import AsyncClient
 from seqserve.client.cliargs import client_kwargs, connection_parser, generation_kwargs, generation_parser
 from seqserve.client.errors import SeqserveClientError
-from seqserve.client.loadgen import ARRIVALS, MODES, LoadSpec, RunResult, sweep
+from seqserve.client.loadgen import ARRIVALS, MODES, LoadSpec, RunResult, split_spec, sweep, sweep_in_processes
 from seqserve.client.loadreport import CountMismatch, LevelReport, format_table, plot, summarize, to_json
 from seqserve.runtime.errors import SeqserveError
 
@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--inputs-per-request", type=int, default=1, metavar="K",
                    help="inputs per Generate call (default 1)")
     g.add_argument("--max-in-flight", type=int, default=1024, help="open loop: most unfinished calls (default 1024)")
+    g.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="sending processes, each with its own client and connections, sharing each level's "
+                        "rate or callers (one Python process sends about a thousand calls a second at most; "
+                        "default 1)")
     d = p.add_argument_group("inputs")
     d.add_argument("--inputs", type=Path, metavar="FILE", help="one input per line (a TSV's first column)")
     d.add_argument("--task", default="dates", choices=("dates",), help="built-in input generator (default dates)")
@@ -139,7 +143,12 @@ async def run(args: argparse.Namespace, texts: list[str], log: TextIO | None
                       f"{report.output_tokens_per_s:.0f} tok/s",
                       file=log, flush=True)
 
-        runs = await sweep(client, texts, specs, options, warmup_s=args.warmup, on_done=done)
+        if args.processes == 1:
+            runs = await sweep(client, texts, specs, options, warmup_s=args.warmup, on_done=done)
+    if args.processes > 1:  # after this process's own connections are closed: it only gathers
+        meta["processes"] = args.processes
+        runs = await asyncio.to_thread(sweep_in_processes, client_kwargs(args), texts, specs, options,
+                                       processes=args.processes, warmup_s=args.warmup, on_done=done)
     return reports, runs, meta
 
 
@@ -152,7 +161,8 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
             texts = read_inputs(args.inputs)
         else:
             texts = generated_inputs(args.task, args.num_inputs, args.data_seed)
-        specs_from_args(args)  # bad combinations fail here, before connecting
+        for spec in specs_from_args(args):  # bad combinations fail here, before connecting
+            split_spec(spec, args.processes)
         started = time.monotonic()
         reports, runs, meta = asyncio.run(run(args, texts, log))
         meta["elapsed_s"] = round(time.monotonic() - started, 3)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from seqserve.client import AsyncClient
-from seqserve.client.loadgen import LoadSpec, RequestRecord, RunResult, run_load
+from seqserve.client.loadgen import LoadSpec, RequestRecord, RunResult, merge_results, run_load, split_spec
 from seqserve.client.loadreport import CountMismatch, format_table, summarize
 from seqserve.client.loadtest import main, read_inputs
 
@@ -120,6 +120,37 @@ def test_hard_stop_cancels_and_counts_what_is_left(fake_server) -> None:
     assert time.monotonic() - start < 30  # the hard stop ended it: neither the answers nor the deadline did
     assert report.sent > 0 and report.failed == report.sent
     assert set(report.errors) == {"CANCELLED_BY_LOADTEST"}
+
+
+def test_several_sending_processes_share_a_level_and_report_it_as_one(served) -> None:
+    code, out = run_main(["-a", served.address, "--processes", "2", "-c", "3", "--requests", "21", "--warmup", "0.2",
+                          "--stream", "--json", "-q"])
+    assert code == 0, out
+    report = json.loads(out)
+    (level,) = report["levels"]
+    assert report["meta"]["processes"] == 2 and level["concurrency"] == 3
+    assert level["sent"] == level["succeeded"] == 21 and level["ttft_ms"]["count"] == 21
+    code, out = run_main(["-a", served.address, "--processes", "2", "--mode", "open", "--rate", "120",
+                          "--duration", "0.5", "--warmup", "0", "--json", "-q"])
+    (level,) = json.loads(out)["levels"]
+    assert code == 0 and level["rate"] == 120 and 20 <= level["sent"] == level["succeeded"] <= 120  # Poisson, ~60
+
+
+def test_a_level_splits_over_processes_and_merges_back() -> None:
+    closed = split_spec(LoadSpec(concurrency=5, requests=11, max_in_flight=9), 2)
+    assert [(s.concurrency, s.requests, s.max_in_flight) for s in closed] == [(3, 6, 5), (2, 5, 5)]
+    opened = split_spec(LoadSpec(mode="open", rate=90.0, seed=7), 3)
+    assert [(s.rate, s.seed) for s in opened] == [(30.0, 7), (30.0, 8), (30.0, 9)]  # an arrival stream each
+    for bad in (LoadSpec(concurrency=1), LoadSpec(concurrency=4, requests=1)):
+        with pytest.raises(ValueError, match="at least the number of processes"):
+            split_spec(bad, 2)
+    spec = LoadSpec(concurrency=2)
+    parts = [RunResult(spec, [RequestRecord(1.0, 2.0, "OK")], 1.0, 2.0, dropped=1, max_send_lag_s=0.1),
+             RunResult(spec, [RequestRecord(0.5, 3.0, "OK"), RequestRecord(0.6, 0.7, "UNAVAILABLE")], 0.5, 3.0,
+                       dropped=2, max_send_lag_s=0.3)]
+    merged = merge_results(spec, parts)
+    assert (len(merged.records), merged.started, merged.finished, merged.dropped) == (3, 0.5, 3.0, 3)
+    assert merged.max_send_lag_s == 0.3 and summarize(merged).sent == 3
 
 
 def test_goodput_counts_the_calls_that_succeeded_within_their_deadline() -> None:
