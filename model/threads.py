@@ -11,19 +11,21 @@ after 15 s of training, then after twice as long each time the same count wins a
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 
 import torch
+
+from seqserve.runtime.cores import available_cores
 
 FIRST_HOLD_S = 15.0
 MAX_HOLD_S = 120.0
 
 
 def thread_candidates(cores: int | None = None) -> list[int]:
-    """Thread counts worth timing: all cores, and all but one (1 and 2 on a 2-core machine)."""
-    cores = cores or len(os.sched_getaffinity(0))
+    """Thread counts worth timing: all cores, and all but one (1 and 2 on a 2-core machine); the
+    cores are those this process may use (affinity and cgroup quota: a container's CPU limit)."""
+    cores = cores or available_cores()
     return sorted({max(1, cores - 1), cores})
 
 

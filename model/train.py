@@ -243,7 +243,7 @@ def default_threads(device: torch.device) -> int:
     core and a step took 1.3-4x as long as with one thread."""
     if device.type != "cpu":
         return torch.get_num_threads()
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+    return max(1, available_cores() - 1)
 
 
 def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOptions,  # noqa: C901, PLR0912, PLR0915

@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from seqserve.runtime.cores import available_cores
 from seqserve.runtime.errors import SeqserveError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -296,29 +297,6 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
 
 
 # -- the processes and threads, from the cores ------------------------------------------------
-
-def available_cores() -> int:
-    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a container's
-    `--cpus`, a Kubernetes CPU limit), not `os.cpu_count()`, which counts the whole machine."""
-    cores = len(os.sched_getaffinity(0))
-    quota = _cgroup_quota()
-    return max(1, min(cores, math.ceil(quota))) if quota else cores
-
-
-def _cgroup_quota() -> float | None:
-    """The cgroup's CPU quota in cores (v2's cpu.max, else v1's cfs files); None when unlimited."""
-    try:
-        limit, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        return None if limit == "max" else int(limit) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
-        return quota / period if quota > 0 and period > 0 else None
-    except (OSError, ValueError):
-        return None
-
 
 def resolve_layout(config: ServerConfig, cores: int | None = None, *, gpu: bool = False) -> ServerConfig:
     """`config` with `--frontends auto` and `--intra-op-threads 0` decided from the cores (what

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from seqserve.model.threads import ThreadTuner, thread_candidates
+from seqserve.runtime import cores
 
 
 class FakeMachine:
@@ -24,10 +27,15 @@ class FakeMachine:
         tuner.step_done(1000)
 
 
-def test_candidates_are_all_cores_and_all_but_one() -> None:
+def test_candidates_are_all_cores_and_all_but_one(monkeypatch: pytest.MonkeyPatch) -> None:
     assert thread_candidates(1) == [1]
     assert thread_candidates(2) == [1, 2]
     assert thread_candidates(8) == [7, 8]
+    # The cores this process may use: a container limited to 2.5 CPUs on a 16-core host tries 2
+    # and 3 threads, not 15 and 16 that would wait on each other.
+    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(cores, "cgroup_quota", lambda: 2.5)
+    assert thread_candidates() == [2, 3]
 
 
 def test_the_faster_count_wins_after_a_trial_of_each() -> None:

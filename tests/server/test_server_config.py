@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from seqserve.server import config as config_module
+from seqserve.runtime import cores as cores_module
 from seqserve.server.service import stream_interval
 from seqserve.server.config import (ConfigError, ServerConfig, available_cores, describe_layout, parse_args,
                                     resolve_layout)
@@ -118,12 +118,12 @@ def test_the_layout_keeps_what_the_user_set(tmp_path: Path) -> None:
 
 
 def test_available_cores_follow_the_affinity_and_the_cgroup_quota(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config_module.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
-    monkeypatch.setattr(config_module, "_cgroup_quota", lambda: None)
+    monkeypatch.setattr(cores_module.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    monkeypatch.setattr(cores_module, "cgroup_quota", lambda: None)
     assert available_cores() == 6
-    monkeypatch.setattr(config_module, "_cgroup_quota", lambda: 2.5)  # --cpus 2.5
+    monkeypatch.setattr(cores_module, "cgroup_quota", lambda: 2.5)  # --cpus 2.5
     assert available_cores() == 3
-    monkeypatch.setattr(config_module, "_cgroup_quota", lambda: 0.2)
+    monkeypatch.setattr(cores_module, "cgroup_quota", lambda: 0.2)
     assert available_cores() == 1
 
 
