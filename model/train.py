@@ -39,6 +39,7 @@ from seqserve.model.schedule import DivergenceCheck, auto_epochs, auto_warmup, s
 from seqserve.model.threads import ThreadTuner, thread_candidates
 from seqserve.model.transformer import Transformer, count_parameters, greedy_decode
 from seqserve.runtime.config import BASE, ModelConfig
+from seqserve.runtime.cores import available_cores
 from seqserve.runtime.errors import DataError, SeqserveError
 from seqserve.runtime.tokenizer import decode, special_ids, tokenizer_from_str
 
