@@ -59,7 +59,7 @@ from seqserve.runtime.errors import SeqserveError
 from seqserve.runtime.generation import GenerationParams, RequestResult
 from seqserve.runtime.model_dir import open_model_dir
 from seqserve.server import messages
-from seqserve.server.scheduler import RequestHandle, SchedulerObserver, TokenCallback, admit
+from seqserve.server.scheduler import RequestHandle, SchedulerObserver, TokenCallback, admit, queue_full
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ class EngineCoreClient:
         if self._closed:
             raise errors.Unavailable("server is shutting down")
         if self.max_queue is not None and self._queue_depth >= self.max_queue:
-            raise errors.Overloaded(f"wait queue is full ({self.max_queue} requests); retry later")
+            raise queue_full(self.max_queue)
         request_id = next(self._ids)
         handle = RequestHandle(lambda: self._send(messages.Cancel(request_id)))
         with self._lock:

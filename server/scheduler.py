@@ -57,6 +57,12 @@ def observe(observer: SchedulerObserver | None, events: StepEvents, queue_depth:
     observer.on_queue_depth(queue_depth)
 
 
+def queue_full(max_queue: int, retry_after_s: float | None = None) -> errors.Overloaded:
+    """The refusal of a request the wait queue has no place for (the engine core's front-ends make
+    it too, from the queue depth the engine core last reported)."""
+    return errors.Overloaded(f"wait queue is full ({max_queue} requests); retry later", retry_after_s)
+
+
 def admit(loop: DecodeLoop, queued: Callable[[], int], purge: Callable[[], None], max_queue: int,
           params: GenerationParams, deadline: float | None, now: float, *, deadline_admission: bool) -> None:
     """Admission of one request by a driver of the loop: Overloaded when the wait queue is full
@@ -66,8 +72,7 @@ def admit(loop: DecodeLoop, queued: Callable[[], int], purge: Callable[[], None]
         purge()  # cancelled or expired requests hold no place
     ahead = queued()
     if ahead >= max_queue:
-        raise errors.Overloaded(f"wait queue is full ({max_queue} requests); retry later",
-                                loop.estimate_wait(ahead, params.rows))
+        raise queue_full(max_queue, loop.estimate_wait(ahead, params.rows))
     if deadline is not None and deadline_admission:
         admit_deadline(loop, ahead, params, deadline, now)
 
