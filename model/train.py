@@ -289,8 +289,9 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
         optimizer, lambda s: scheduled_lr(s + 1, cfg.d_model, warmup, opts.lr_scale))
     divergence = DivergenceCheck()
     tuner = None  # on one machine's CPU without --threads: the thread count that trains fastest now
-    if opts.threads is None and device.type == "cpu" and not world.distributed and len(thread_candidates()) > 1:
-        tuner = ThreadTuner(thread_candidates())
+    candidates = thread_candidates()
+    if opts.threads is None and device.type == "cpu" and not world.distributed and len(candidates) > 1:
+        tuner = ThreadTuner(candidates)
     snapshots = EpochSnapshots(opts.out, opts.average_last) if opts.average_last > 0 else None
     history: dict[str, list] = {"train_loss": [], "valid": []}
     best: dict[str, Any] | None = None
