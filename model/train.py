@@ -4,7 +4,8 @@ TSV corpus, with defaults that suit a small corpus without flags.
 Batches hold a token count, not a pair count, with pairs of one length together (batching.py);
 the paper's Adam and warm-up schedule with its peak set by the model's width and its warm-up by
 the run's length (schedule.py); the label-smoothed loss in one pass (loss.py); gradients
-clipped; a run whose loss diverges stops with advice; CPU threads picked by timing (threads.py).
+clipped; a run whose loss diverges stops with advice; CPU threads picked by timing (threads.py);
+malloc keeping what a step frees for the next (allocator.py).
 Validation exact match after every epoch, the best checkpoint kept, optionally the last epochs
 averaged (averaging.py); the whole state saved so `--resume` continues exactly (resume.py);
 data-parallel under torchrun (distributed.py).
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from seqserve.model.allocator import keep_freed_memory
 from seqserve.model.averaging import EpochSnapshots
 from seqserve.model.batching import Encoded, _pad, collate, rank_rows
 from seqserve.model.checkpoint import Checkpoint, save_checkpoint
@@ -226,6 +228,7 @@ def train(task: str | None, data: str | None, valid: str | None, opts: TrainOpti
           state: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (or, given a saved `state`, continue) and save the best checkpoint into opts.out;
     returns the summary written to metrics.json (on every rank; only rank 0 writes files)."""
+    keep_freed_memory()  # no page faults in every step (allocator.py)
     world, device = init_world(resolve_device(opts.device))
     threads_before = torch.get_num_threads()
     torch.set_num_threads(opts.threads or default_threads(device))

@@ -7,7 +7,7 @@ import torch
 
 from seqserve.runtime.config import BASE, ModelConfig
 from seqserve.runtime.errors import CheckpointError
-from seqserve.model.transformer import Transformer, count_parameters, greedy_decode
+from seqserve.model.transformer import Transformer, attention_bias, count_parameters, fused_attention, greedy_decode
 
 TINY = ModelConfig(vocab_size=50, d_model=32, encoder_layers=2, decoder_layers=3, n_heads=4, d_ff=64,
                    dropout=0.0, max_source_len=20, max_target_len=20)
@@ -118,3 +118,86 @@ def test_greedy_decode_is_batch_independent(model: Transformer) -> None:
         row = src[i:i + 1]
         row = row[:, : int((row != TINY.pad_id).sum())]
         assert greedy_decode(model, row, max_new_tokens=6) == [batched[i]]
+
+
+def _reference_forward(model: Transformer, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """The training pass as `encode` then `decode` with an empty cache: the inference path, unfused."""
+    source_mask = src != TINY.pad_id
+    ck, cv = model.encode(src, source_mask)
+    b, t = tgt.shape
+    empty = model.empty_cache(b)
+    logits, _, _, _ = model.decode(tgt, torch.arange(t).expand(b, t), empty, empty, tgt != TINY.pad_id,
+                                   ck, cv, source_mask)
+    return logits
+
+
+def _padded_pair() -> tuple[torch.Tensor, torch.Tensor]:
+    src = _source(4, 9)
+    src[2, 3:] = TINY.pad_id
+    tgt = torch.randint(4, TINY.vocab_size, (4, 8))
+    tgt[1, 6:] = TINY.pad_id
+    tgt[3, 2:] = TINY.pad_id
+    return src, tgt
+
+
+def test_training_pass_matches_the_inference_path_in_value_and_gradient() -> None:
+    torch.manual_seed(1)
+    model = Transformer(TINY).train()
+    src, tgt = _padded_pair()
+    weights = torch.randn(4, 8, TINY.vocab_size)  # a loss that weighs every logit differently
+
+    def grads(forward) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # noqa: ANN001
+        model.zero_grad(set_to_none=True)
+        logits = forward(model, src, tgt)
+        (logits * weights).sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fused, fused_grads = grads(Transformer.forward)
+    reference, reference_grads = grads(_reference_forward)
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+    assert fused_grads.keys() == reference_grads.keys()
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_training_pass_under_bf16_autocast_stays_close_to_fp32() -> None:
+    torch.manual_seed(2)
+    model = Transformer(TINY).train()
+    src, tgt = _padded_pair()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(src, tgt)
+    assert low.dtype == torch.bfloat16  # the residual stream stays bf16 through to the logits
+    full = _reference_forward(model, src, tgt)
+    assert (low.float() - full).abs().max() < 0.05 * full.abs().max()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_attention_gradients_are_exact(dropout: float) -> None:
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 3, n, 4, dtype=torch.float64, requires_grad=True) for n in (5, 6, 6))
+    mask = torch.ones(2, 1, 5, 6, dtype=torch.bool)
+    mask[0, :, :, 4:] = False  # padded keys
+    mask[1] = torch.ones(5, 6).tril().bool()  # causal
+    bias = attention_bias(mask).double()
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(4)  # the same dropout mask at every call gradcheck makes
+        return fused_attention(q, k, v, bias, dropout)
+
+    assert torch.autograd.gradcheck(attention, (q, k, v))
+    if dropout == 0:
+        scores = (q @ k.transpose(-2, -1) / 2).masked_fill(~mask, torch.finfo(torch.float64).min)
+        torch.testing.assert_close(attention(q, k, v), scores.softmax(-1) @ v)
+    else:  # dropout zeroes whole weights and rescales the rest: each output mixes a subset of values
+        with torch.no_grad():
+            kept = attention(q, k, v)
+            plain = fused_attention(q, k, v, bias, 0.0)
+        assert not torch.allclose(kept, plain)
+
+
+def test_fused_attention_gives_a_fully_masked_row_uniform_weights_as_attend_does() -> None:
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    mask = torch.ones(1, 1, 3, 5, dtype=torch.bool)
+    mask[0, 0, 1] = False
+    out = fused_attention(q, k, v, attention_bias(mask))
+    torch.testing.assert_close(out[:, :, 1], v.mean(dim=2))
