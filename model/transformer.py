@@ -311,9 +311,10 @@ class Transformer(nn.Module):
         t = target_in.shape[1]
         source_bias = attention_bias(source_mask[:, None, None, :])  # (B, 1, 1, S)
         device = source_ids.device.type
-        # Under autocast the residual stream is kept in its dtype (bf16) from the embedding on:
-        # layer norms take and give bf16 (their statistics in fp32) and every linear map then
-        # reads its input without a cast, where an fp32 stream cast each input again per matrix.
+        # Under a CPU's autocast the residual stream is kept in its dtype (bf16) from the embedding
+        # on: layer norms take and give bf16 (their statistics in fp32), and every linear map reads
+        # its input without a cast, where an fp32 stream was cast again for each matrix. (CUDA's
+        # autocast runs layer norms in fp32, so there the stream is fp32 after the first one.)
         low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         x = self.embed(source_ids, torch.arange(s, device=source_ids.device).expand(b, s)).to(low)
         for layer in self.encoder:
