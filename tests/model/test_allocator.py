@@ -24,12 +24,12 @@ model = Transformer(ModelConfig(vocab_size=300, d_model=64, encoder_layers=1, de
 src, tgt = torch.randint(4, 300, (64, 20)), torch.randint(4, 300, (64, 20))
 def step():
     model(src, tgt).logsumexp(-1).sum().backward()
-for _ in range(3):
-    step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
     step()
-print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    step()
+print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
 """
 
 
@@ -44,8 +44,9 @@ def test_kept_memory_spares_the_page_faults_of_every_step() -> None:
     applied, kept = _faults_per_step("keep")
     assert applied == "True"
     _, default = _faults_per_step("default")
-    # measured: about 900 faults a step by default, 35 with the settings
-    assert kept < default / 5, (kept, default)
+    # measured over 14 pairs of runs: 243-942 faults a step by default, 0.2-19 with the settings
+    # (after 10 steps that let the heap reach its peak; after only 3, up to 75)
+    assert kept * 5 < default, (kept, default)
 
 
 def test_keep_freed_memory_says_whether_it_applied() -> None:
