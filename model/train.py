@@ -228,7 +228,7 @@ def train(task: str | None, data: str | None, valid: str | None, opts: TrainOpti
           state: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (or, given a saved `state`, continue) and save the best checkpoint into opts.out;
     returns the summary written to metrics.json (on every rank; only rank 0 writes files)."""
-    keep_freed_memory()  # no page faults in every step (allocator.py)
+    keep_freed_memory()  # a step reuses the memory the last one freed (allocator.py)
     world, device = init_world(resolve_device(opts.device))
     threads_before = torch.get_num_threads()
     torch.set_num_threads(opts.threads or default_threads(device))
