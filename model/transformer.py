@@ -38,6 +38,14 @@ class PositionalEncoding(nn.Module):
         return self.pe[positions]
 
 
+def causal_mask(t: int, p: int, device: torch.device) -> Tensor:
+    """(T, P+T): True where each of T new tokens after P cached ones may attend (every cached
+    token, and the new ones up to itself)."""
+    key_pos = torch.arange(p + t, device=device)  # (P+T,)
+    query_pos = torch.arange(t, device=device) + p  # (T,)
+    return key_pos[None, :] <= query_pos[:, None]
+
+
 def attention_bias(mask: Tensor) -> Tensor:
     """A boolean mask (True where attended) as the additive fp32 bias the fused path takes: 0 where
     attended, the lowest fp32 value elsewhere (so a fully masked row softmaxes to uniform, as in
@@ -276,10 +284,7 @@ class Transformer(nn.Module):
         weights of layer `cfg.alignment_layer` averaged over heads (B, T, S).
         """
         t, p = tokens.shape[1], past_key.shape[3]
-        key_pos = torch.arange(p + t, device=tokens.device)  # (P+T,)
-        query_pos = torch.arange(t, device=tokens.device) + p  # (T,)
-        causal = key_pos[None, :] <= query_pos[:, None]  # (T, P+T)
-        attn_mask = self_mask[:, None, None, :] & causal  # (B, 1, T, P+T)
+        attn_mask = self_mask[:, None, None, :] & causal_mask(t, p, tokens.device)  # (B, 1, T, P+T)
         cross_mask = source_mask[:, None, None, :]  # (B, 1, 1, S)
         x = self.embed(tokens, positions)
         keys, values, alignment = [], [], None
@@ -322,10 +327,9 @@ class Transformer(nn.Module):
         # every decoder layer's cross-attention keys and values in one matrix multiply
         cross = project_heads(x, [p for layer in self.decoder for p in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)],
                               self.cfg.n_heads)  # (2L, B, H, S, Dh)
-        step = torch.arange(t, device=target_in.device)
-        causal = step[None, :] <= step[:, None]  # (T, T)
-        self_bias = attention_bias((target_in != self.cfg.pad_id)[:, None, None, :] & causal)  # (B, 1, T, T)
-        y = self.embed(target_in, step.expand(b, t)).to(low)
+        self_bias = attention_bias((target_in != self.cfg.pad_id)[:, None, None, :]
+                                   & causal_mask(t, 0, target_in.device))  # (B, 1, T, T)
+        y = self.embed(target_in, torch.arange(t, device=target_in.device).expand(b, t)).to(low)
         cross_kv = cross.unbind(0)  # one view each; its backward stacks the gradients in one copy
         for i, layer in enumerate(self.decoder):
             y = layer.forward_fused(y, self_bias, (cross_kv[2 * i], cross_kv[2 * i + 1]), source_bias)
