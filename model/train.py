@@ -4,8 +4,9 @@ TSV corpus, with defaults that suit a small corpus without flags.
 Batches hold a token count, not a pair count, with pairs of one length together (batching.py);
 the paper's Adam and warm-up schedule with its peak set by the model's width and its warm-up by
 the run's length (schedule.py); the label-smoothed loss in one pass (loss.py); gradients
-clipped; a run whose loss diverges stops with advice; CPU threads picked by timing (threads.py);
-malloc keeping what a step frees for the next (allocator.py).
+clipped; a run whose loss diverges stops with advice; on a CPU, worker processes that train
+shares of each batch in shared memory (workers.py), in the layout of processes and threads that
+trains fastest by timing (layout.py); malloc keeping what a step frees for the next (allocator.py).
 Validation exact match after every epoch, the best checkpoint kept, optionally the last epochs
 averaged (averaging.py); the whole state saved so `--resume` continues exactly (resume.py);
 data-parallel under torchrun (distributed.py).
@@ -14,6 +15,7 @@ data-parallel under torchrun (distributed.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +23,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ from torch import nn
 
 from seqserve.model.allocator import keep_freed_memory
 from seqserve.model.averaging import EpochSnapshots
-from seqserve.model.batching import Encoded, _pad, collate, rank_rows
+from seqserve.model.batching import MAX_TOKENS, Encoded, _pad, collate, rank_rows
 from seqserve.model.checkpoint import Checkpoint, save_checkpoint
 from seqserve.model.data import TASKS, Pair, read_tsv, task_pairs, train_tokenizer
 from seqserve.model.distributed import World, all_sum, close_world, from_main, init_world
@@ -38,7 +41,8 @@ from seqserve.model.loss import label_smoothed_nll_sum
 from seqserve.model.progress import Progress
 from seqserve.model.resume import STATE_FILE, load_training_state, save_training_state
 from seqserve.model.schedule import DivergenceCheck, auto_epochs, auto_warmup, scheduled_lr
-from seqserve.model.threads import ThreadTuner, thread_candidates
+from seqserve.model.layout import Layout, LayoutTuner, layout_candidates
+from seqserve.model.workers import CpuWorkers, WorkerSetup, shared_flat, shm_room
 from seqserve.model.transformer import Transformer, count_parameters, greedy_decode
 from seqserve.runtime.config import BASE, ModelConfig
 from seqserve.runtime.cores import available_cores
@@ -55,6 +59,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "base": BASE,
 }
 SAVE_INTERVAL_S = 300.0  # the training state is also saved this often within an epoch
+# A process's smallest share of a batch: below it, a share's step is mostly eager PyTorch's fixed
+# cost per operation. (The demo's 2,048 tokens on 2 cores: 1,024 for each of two processes.)
+MIN_SHARE_TOKENS = 1024
 
 
 @dataclass
@@ -78,7 +85,9 @@ class TrainOptions:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # auto, bf16 or fp32: auto is bf16 autocast where the device has bf16 units
-    threads: int | None = None  # CPU threads for torch; None: picked by timing steps (threads.py) on a CPU
+    threads: int | None = None  # CPU threads per process; None: the cores shared among the processes
+    workers: int | None = None  # processes sharing each batch on a CPU; None: with --threads, 1, else
+    # the layout of processes and threads that trains fastest, by timing (layout.py)
     max_minutes: float | None = None  # wall-clock budget: no epoch starts that would end past it
     target_exact_match: float | None = None  # stop once validation reaches it
     max_source_len: int = 256
@@ -219,9 +228,10 @@ def _epoch_batches(data: Encoded, epoch: int, opts: TrainOptions, world: World) 
     return batches
 
 
-def _step_seed(seed: int, step: int, world: World) -> int:
-    """Dropout's seed for one rank's step: a resumed run draws the masks the interrupted one would have."""
-    return (seed * 1_000_003 + step * world.size + world.rank + 1) % (2 ** 63)
+def _step_seed(seed: int, step: int, world: World, share: int = 0) -> int:
+    """Dropout's seed for one rank's step (and a worker's `share` of it): a resumed run draws the
+    masks the interrupted one would have."""
+    return (seed * 1_000_003 + step * world.size + world.rank + 1 + share * 7_919_000_001) % (2 ** 63)
 
 
 def train(task: str | None, data: str | None, valid: str | None, opts: TrainOptions, *,
@@ -232,11 +242,64 @@ def train(task: str | None, data: str | None, valid: str | None, opts: TrainOpti
     world, device = init_world(resolve_device(opts.device))
     threads_before = torch.get_num_threads()
     torch.set_num_threads(opts.threads or default_threads(device))
+    # Started first, so that they import torch while this process prepares the data; closed
+    # again if the batch turns out too small to share.
+    most = max_processes(opts, device, world, opts.max_tokens or MAX_TOKENS["cpu"])
+    workers = CpuWorkers(most - 1) if most > 1 else None
     try:
-        return _train(task, data, valid, opts, state, world, device)
+        return _train(task, data, valid, opts, state, world, device, workers)
     finally:
+        if workers is not None:
+            workers.close()
         torch.set_num_threads(threads_before)
         close_world(world)
+
+
+def max_processes(opts: TrainOptions, device: torch.device, world: World, max_tokens: int) -> int:
+    """The most processes that may share a step's batch: --workers, else on a CPU outside
+    torchrun (and without --threads) one per core while each share is at least MIN_SHARE_TOKENS."""
+    if opts.workers is not None:
+        if opts.workers < 1:
+            raise SeqserveError(f"--workers must be at least 1, got {opts.workers}")
+        if opts.workers > 1 and (device.type != "cpu" or world.distributed):
+            raise SeqserveError("--workers: for one machine's CPU; on GPUs, and across machines, start one "
+                                "process per device with torchrun")
+        return opts.workers
+    if device.type != "cpu" or world.distributed or opts.threads is not None:
+        return 1
+    return max(1, min(available_cores(), max_tokens // MIN_SHARE_TOKENS))
+
+
+def _layouts(opts: TrainOptions, device: torch.device, world: World, model: nn.Module) -> list[Layout]:
+    """The layouts to train in: one when --threads or --workers fix it (or on a GPU, or under
+    torchrun), else the candidates the tuner times."""
+    most = max_processes(opts, device, world, opts.max_tokens)
+    if most > 1 and opts.workers is None:
+        # shared memory: parameters once, gradients once per process (a container's /dev/shm is
+        # 64 MiB unless raised; training in one process needs none)
+        need = (most + 1) * sum(p.numel() * p.element_size() for p in model.parameters())
+        if not shm_room(2 * need):
+            log.info("one training process: /dev/shm has less than the %d MiB that %d would share", 2 * need >> 20, most)
+            most = 1
+    if opts.workers is not None:
+        return [Layout(most, opts.threads or max(1, available_cores() // most))]
+    if opts.threads is not None or device.type != "cpu" or world.distributed:
+        return [Layout(1, torch.get_num_threads())]
+    return layout_candidates(max_processes=most)
+
+
+@contextlib.contextmanager
+def _all_threads(device: torch.device, world: World) -> Iterator[None]:
+    """Every usable core's thread for this process's validation, while the workers wait."""
+    if device.type != "cpu" or world.distributed:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(available_cores())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def default_threads(device: torch.device) -> int:
@@ -250,8 +313,9 @@ def default_threads(device: torch.device) -> int:
     return max(1, available_cores() - 1)
 
 
-def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOptions,  # noqa: C901, PLR0912, PLR0915
-           state: dict[str, Any] | None, world: World, device: torch.device) -> dict[str, Any]:
+def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOptions,  # noqa: C901, PLR0912, PLR0913, PLR0915
+           state: dict[str, Any] | None, world: World, device: torch.device,
+           workers: CpuWorkers | None) -> dict[str, Any]:
     if opts.preset not in PRESETS:
         raise SeqserveError(f"--preset: unknown {opts.preset!r}; known: {', '.join(PRESETS)}")
     autocast_dtype = resolve_precision(opts.precision, device)
@@ -286,15 +350,32 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
     if opts.epochs is None:
         opts = replace(opts, epochs=auto_epochs(steps_per_epoch))
     warmup = state["warmup"] if state is not None else (opts.warmup or auto_warmup(opts.epochs * steps_per_epoch))
+    layouts = _layouts(opts, device, world, model)
+    if workers is not None and max(layouts).processes == 1:
+        workers.close()
+        workers = None
+    own_grads = None  # with workers: this process's flat gradient buffer (its parameters' .grad)
+    if workers is not None:
+        flat, own_grads = shared_flat(model)
+        workers.attach(WorkerSetup(cfg.to_dict(), str(autocast_dtype).removeprefix("torch.") if autocast_dtype else None,
+                                   opts.label_smoothing), flat)
     # fused: one kernel for all parameters, 3.6 against 6.0 ms a demo step on a CPU
     optimizer = torch.optim.Adam(model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: scheduled_lr(s + 1, cfg.d_model, warmup, opts.lr_scale))
     divergence = DivergenceCheck()
-    tuner = None  # on one machine's CPU without --threads: the thread count that trains fastest now
-    candidates = thread_candidates()
-    if opts.threads is None and device.type == "cpu" and not world.distributed and len(candidates) > 1:
-        tuner = ThreadTuner(candidates)
+    layout = layouts[0]
+    tuner = None  # with several layouts to choose from: the one that trains fastest now
+
+    def apply(chosen: Layout) -> None:
+        nonlocal layout
+        layout = chosen
+        torch.set_num_threads(chosen.threads)
+
+    if len(layouts) > 1:
+        tuner = LayoutTuner(layouts, apply)
+    else:
+        apply(layout)
     snapshots = EpochSnapshots(opts.out, opts.average_last) if opts.average_last > 0 else None
     history: dict[str, list] = {"train_loss": [], "valid": []}
     best: dict[str, Any] | None = None
@@ -354,8 +435,18 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
             tuner.restart_clock()
         for index in range(first, len(batches)):
             global_rows = batches[index]
-            batch = collate(train_data, rank_rows(global_rows, world.rank, world.size), cfg)
             global_target_tokens = sum(len(train_data.targets[i]) for i in global_rows)
+            # Summed over tokens and divided by the global batch's count: DDP then averages over
+            # ranks, so the step equals one process's on the whole global batch.
+            scale = world.size / global_target_tokens
+            rows = rank_rows(global_rows, world.rank, world.size)
+            shares = min(layout.processes, len(rows))  # this process's and its workers' rows
+            parts = [collate(train_data, rank_rows(rows, i, shares), cfg) for i in range(shares)]
+            if shares > 1:
+                workers.start_step([(b.source.numpy(), b.target_in.numpy(), b.target_out.numpy()) for b in parts[1:]],
+                                   scale, [_step_seed(opts.seed, step, world, share=i) for i in range(1, shares)],
+                                   layout.threads)
+            batch = parts[0]
             torch.manual_seed(_step_seed(opts.seed, step, world))
             src, tgt_in, tgt_out = (t.to(device, non_blocking=True)
                                     for t in (batch.source, batch.target_in, batch.target_out))
@@ -363,16 +454,21 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
                 logits = net(src, tgt_in)  # (B, T, V)
             loss_sum = label_smoothed_nll_sum(logits.flatten(0, 1), tgt_out.flatten(),
                                               smoothing=opts.label_smoothing, ignore_index=cfg.pad_id)
-            # Summed over tokens and divided by the global batch's count: DDP then averages over
-            # ranks, so the step equals one process's on the whole global batch.
-            (loss_sum * (world.size / global_target_tokens)).backward()
+            (loss_sum * scale).backward()
+            step_loss = loss_sum.item()
+            if shares > 1:
+                step_loss += workers.finish_step(shares - 1, into=own_grads)
             if opts.clip_norm > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), opts.clip_norm)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if own_grads is not None:
+                own_grads.zero_()  # the parameters' .grad are views of it: keep them
+            else:
+                optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
-            loss_total, real, padded = all_sum([loss_sum.item(), batch.real_tokens, batch.padded_tokens], world, device)
+            loss_total, real, padded = all_sum([step_loss, sum(b.real_tokens for b in parts),
+                                                sum(b.padded_tokens for b in parts)], world, device)
             loss = loss_total / global_target_tokens
             divergence.update(step, loss)
             epoch_counts["target_tokens"] += global_target_tokens
@@ -385,7 +481,7 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
                 seconds = time.perf_counter() - epoch_start
                 progress.update(1, loss=f"{loss:.3f}", tok_s=f"{epoch_counts['target_tokens'] / seconds:.0f}",
                                 pad=f"{1 - epoch_counts['real_tokens'] / epoch_counts['padded_tokens']:.1%}",
-                                lr=f"{scheduler.get_last_lr()[0]:.2e}", threads=str(torch.get_num_threads()))
+                                lr=f"{scheduler.get_last_lr()[0]:.2e}", cpu=str(layout))
             else:
                 progress.update(1)
             if (opts.save_every and step % opts.save_every == 0) or time.monotonic() - last_save > SAVE_INTERVAL_S:
@@ -399,16 +495,17 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
         totals["train_seconds"] += epoch_seconds
         decision = None
         if world.is_main:
-            metrics = {"epoch": epoch, "step": step, "elapsed_s": round(time.perf_counter() - started, 1),
-                       **evaluate(model, valid_data, tokenizer, device),
+            with _all_threads(device, world):  # workers idle meanwhile
+                scores = evaluate(model, valid_data, tokenizer, device)
+            metrics = {"epoch": epoch, "step": step, "elapsed_s": round(time.perf_counter() - started, 1), **scores,
                        "target_tokens_per_s": round(epoch_counts["target_tokens"] / max(epoch_seconds, 1e-9)),
                        "padding_share": round(1 - epoch_counts["real_tokens"] / max(1, epoch_counts["padded_tokens"]), 4),
-                       "lr": scheduler.get_last_lr()[0], "threads": torch.get_num_threads()}
+                       "lr": scheduler.get_last_lr()[0], "processes": layout.processes, "threads": layout.threads}
             history["valid"].append(metrics)
             log.info("epoch %d: exact match %.2f%%, BLEU %.1f, chrF %.1f, valid loss %.3f; %.0f target tokens/s, "
-                     "%.1f%% padding, %d threads (%.0f s)", epoch, 100 * metrics["exact_match"], metrics["bleu"],
-                     metrics["chrf"], metrics["valid_loss"], metrics["target_tokens_per_s"],
-                     100 * metrics["padding_share"], metrics["threads"], metrics["elapsed_s"])
+                     "%.1f%% padding, %d processes x %d threads (%.0f s)", epoch, 100 * metrics["exact_match"],
+                     metrics["bleu"], metrics["chrf"], metrics["valid_loss"], metrics["target_tokens_per_s"],
+                     100 * metrics["padding_share"], metrics["processes"], metrics["threads"], metrics["elapsed_s"])
             if best is None or (metrics["exact_match"], -metrics["valid_loss"]) > (best["exact_match"], -best["valid_loss"]):
                 best = metrics
                 save_checkpoint(opts.out / "checkpoint.pt", Checkpoint(
@@ -442,8 +539,9 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
                                   [v["target_tokens_per_s"] for v in history["valid"]] or [0])}}
     if world.is_main:
         if snapshots is not None and snapshots.paths():
-            summary["averaged"] = _average(snapshots, cfg, valid_data, valid_pairs, tokenizer, tokenizer_json, device,
-                                           task or str(data), opts)
+            with _all_threads(device, world):
+                summary["averaged"] = _average(snapshots, cfg, valid_data, valid_pairs, tokenizer, tokenizer_json,
+                                               device, task or str(data), opts)
         (opts.out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
@@ -515,8 +613,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default auto)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="bf16 autocast or fp32 (default auto: bf16 where the hardware has it)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: picked by timing a few steps "
-                   "at each count, all cores and all but one, and checked again now and then)")
+    p.add_argument("--workers", type=int, help="processes that share each batch on a CPU (default: picked "
+                   "by timing a few steps in each layout, one process with all cores' threads or all but "
+                   "one, or one process per core, and checked again now and then)")
+    p.add_argument("--threads", type=int, help="CPU threads per process (default: picked with --workers; "
+                   "given alone, one process)")
     p.add_argument("--max-minutes", type=float, help="time budget: no epoch starts that would end past it")
     p.add_argument("--target-exact-match", type=float, help="stop once validation exact match reaches this (0-1)")
     p.add_argument("--average-last", type=int, default=0, metavar="N",
@@ -543,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
                             batch_size=args.batch_size, train_size=args.train_size, valid_size=args.valid_size,
                             vocab_size=args.vocab_size, min_frequency=args.min_frequency, warmup=args.warmup, lr_scale=args.lr_scale,
                             clip_norm=args.clip_norm, label_smoothing=args.label_smoothing, seed=args.seed,
-                            device=args.device, precision=args.precision, threads=args.threads,
+                            device=args.device, precision=args.precision, threads=args.threads, workers=args.workers,
                             max_minutes=args.max_minutes, target_exact_match=args.target_exact_match,
                             max_source_len=args.max_source_len, max_target_len=args.max_target_len,
                             average_last=args.average_last, save_every=args.save_every, overrides=overrides)

@@ -63,6 +63,12 @@ class _FusedAttention(torch.autograd.Function):
     tensor operations instead of autograd's chain of about a dozen nodes, and the probabilities are
     kept once, in fp32. Matrix multiplies run in the inputs' dtype (bf16 under autocast), the
     softmax in fp32.
+
+    Shifted scores are clamped at -80 before the exponential: torch's CPU exp took 12-35x as long
+    on inputs whose result is subnormal or zero (below about -87: masked slots, of which a causal
+    mask makes nearly half) as on the rest, and this halved the time of a decoder self-attention's
+    forward and backward on the demo's shapes (2.0 to 1.1 ms). A masked slot's weight is then
+    e^-80 of the row's largest (1.8e-35) instead of exactly zero; a fully masked row stays uniform.
     """
 
     @staticmethod
@@ -71,7 +77,7 @@ class _FusedAttention(torch.autograd.Function):
         softmax_dtype = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
         p = torch.matmul(q, k.transpose(-2, -1)).to(softmax_dtype)  # (B, H, T, S) scores
         p.mul_(scale).add_(bias)
-        p.sub_(p.amax(dim=-1, keepdim=True)).exp_()
+        p.sub_(p.amax(dim=-1, keepdim=True)).clamp_min_(-80.0).exp_()
         p.div_(p.sum(dim=-1, keepdim=True))  # softmax
         keep = None
         if dropout > 0:

@@ -1,6 +1,6 @@
 """Trainer throughput on the demo preset: one epoch of generated dates, training loop only.
 
-    python tests/model/bench_trainer.py [--tree DIR] [--train-size 12000] [--threads N]
+    python tests/model/bench_trainer.py [--tree DIR] [--train-size 12000] [--workers N] [--threads N]
 
 Validation, the learning-curve plot and checkpoint saving are stubbed out, so the figure is the
 training loop alone: target tokens (EOS included) of the epoch over its seconds. `--tree DIR`
@@ -32,7 +32,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tree", type=Path, help="time the trainer of this checkout instead")
     p.add_argument("--train-size", type=int, default=12_000)
-    p.add_argument("--threads", type=int, help="torch threads (default: the trainer's own choice)")
+    p.add_argument("--threads", type=int, help="torch threads per process (default: the trainer's own choice)")
+    p.add_argument("--workers", type=int, help="training processes (default: the trainer's own choice)")
     args = p.parse_args()
     if args.tree is not None:
         _use_tree(args.tree.resolve())
@@ -59,12 +60,18 @@ def main() -> None:
             extra["threads"] = args.threads
         else:
             torch.set_num_threads(args.threads)
+    if args.workers is not None:
+        if "workers" not in fields:
+            p.error(f"--workers: the trainer of {args.tree} has no workers")
+        extra["workers"] = args.workers
     with tempfile.TemporaryDirectory() as out:
         opts = train.TrainOptions(out=Path(out), epochs=1, train_size=args.train_size, valid_size=50, device="cpu",
                                   **extra)
         summary = train.train("dates", None, None, opts)
     seconds = summary["history"][0]["elapsed_s"]
-    print(json.dumps({"tree": str(args.tree or "installed"), "threads": args.threads, "target_tokens": tokens,
+    epoch = summary["history"][0]
+    print(json.dumps({"tree": str(args.tree or "installed"), "processes": epoch.get("processes", 1),
+                      "threads": epoch.get("threads"), "target_tokens": tokens,
                       "seconds": seconds, "target_tokens_per_s": round(tokens / seconds),
                       "vocab": summary["config"]["vocab_size"]}))
 

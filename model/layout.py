@@ -1,0 +1,110 @@
+"""How training uses a CPU's cores, picked by timing the steps themselves: how many processes
+(the trainer and its workers, workers.py) and how many torch threads each.
+
+On a quiet 2-core machine two threads trained the demo model 1.4-1.8x as fast as one, and two
+processes of one thread each 1.5-2x; with anything else running, two threads waited at every
+parallel region for the one that had lost its core, and a step took up to 4x as long as with one
+thread. No fixed layout suits every machine and moment, and a shared machine changes from one to
+another within a run. So the trainer times a few steps in each candidate layout, keeps the fastest
+per target token, and checks again after a while: after 15 s of training, then after twice as
+long each time the same layout wins again (at most 2 minutes), and after 15 s again when the
+winner changes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+from seqserve.runtime.cores import available_cores
+
+FIRST_HOLD_S = 15.0
+MAX_HOLD_S = 120.0
+
+
+class Layout(NamedTuple):
+    """Processes training shares of each batch, and torch threads in each."""
+
+    processes: int
+    threads: int
+
+    def __str__(self) -> str:
+        return f"{self.processes}x{self.threads}"
+
+
+def layout_candidates(cores: int | None = None, *, max_processes: int = 1) -> list[Layout]:
+    """Layouts worth timing: one process with all cores' threads and with all but one, and (when
+    `max_processes` allows) one process per core, up to `max_processes`, sharing the cores'
+    threads. The cores are those this process may use (affinity and cgroup quota: a container's
+    CPU limit). On 2 cores: 1x1, 1x2 and 2x1."""
+    cores = cores or available_cores()
+    layouts = {Layout(1, max(1, cores - 1)), Layout(1, cores)}
+    processes = min(cores, max_processes)
+    if processes > 1:
+        layouts.add(Layout(processes, cores // processes))
+    return sorted(layouts)
+
+
+class LayoutTuner:
+    """Times `trial_steps` steps in each candidate layout (after one step to settle in), then
+    trains in the fastest until the next trial. Call `step_done(tokens)` after every step; it
+    applies the layout of the next one (`apply(layout)`), and `restart_clock()` after a pause."""
+
+    def __init__(self, candidates: list[Layout], apply: Callable[[Layout], None], *, trial_steps: int = 2,
+                 first_hold_s: float = FIRST_HOLD_S, max_hold_s: float = MAX_HOLD_S,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.candidates, self.trial_steps = list(candidates), trial_steps
+        self.first_hold_s, self.max_hold_s = first_hold_s, max_hold_s
+        self.clock, self.apply = clock, apply
+        self.hold_s = first_hold_s
+        self.chosen: Layout | None = None
+        self.rates: dict[Layout, float] = {}  # seconds per target token in each layout, in the last trial
+        self.trials = 0  # trials finished so far
+        self._queue: list[int] = []
+        self._seconds = self._tokens = 0.0
+        self._steps = 0
+        self._hold_until = 0.0
+        self._last = clock()
+        self._start_trial()
+
+    def restart_clock(self) -> None:
+        """Start timing the next step from now (after validation, or anything else between steps)."""
+        self._last = self.clock()
+
+    @property
+    def layout(self) -> Layout:
+        """The layout the next step runs in."""
+        return self._queue[0] if self._queue else self.chosen  # type: ignore[return-value]
+
+    def _start_trial(self) -> None:
+        self._queue = list(self.candidates)
+        self._begin(self._queue[0])
+
+    def _begin(self, layout: Layout) -> None:
+        self._steps, self._seconds, self._tokens = 0, 0.0, 0.0
+        self.apply(layout)
+
+    def step_done(self, tokens: int) -> None:
+        """Record a finished step of `tokens` target tokens and apply the layout of the next one."""
+        now = self.clock()
+        seconds, self._last = now - self._last, now
+        if not self._queue:  # training at the chosen count
+            if now >= self._hold_until and len(self.candidates) > 1:
+                self._start_trial()
+            return
+        self._steps += 1
+        if self._steps > 1:  # the first step in a new layout settles its thread pool in; not timed
+            self._seconds += seconds
+            self._tokens += tokens
+        if self._steps <= self.trial_steps:
+            return
+        self.rates[self._queue.pop(0)] = self._seconds / max(self._tokens, 1.0)
+        if self._queue:
+            self._begin(self._queue[0])
+            return
+        best = min(self.rates, key=self.rates.__getitem__)
+        self.hold_s = min(2 * self.hold_s, self.max_hold_s) if best == self.chosen else self.first_hold_s
+        self.chosen, self.trials = best, self.trials + 1
+        self._hold_until = now + self.hold_s
+        self.apply(best)

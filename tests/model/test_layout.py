@@ -1,0 +1,91 @@
+"""The CPU layout (processes x threads) picked by timing: the faster wins, and a change in the
+machine's load is noticed."""
+
+from __future__ import annotations
+
+import pytest
+
+from seqserve.model.layout import Layout, LayoutTuner, layout_candidates
+from seqserve.runtime import cores
+
+
+ONE, TWO, PROCS = Layout(1, 1), Layout(1, 2), Layout(2, 1)
+
+
+class FakeMachine:
+    """A clock and a layout setting: a step of 1,000 tokens takes `cost[layout]` seconds."""
+
+    def __init__(self, cost: dict[Layout, float]) -> None:
+        self.cost, self.now, self.layout, self.history = cost, 0.0, None, []
+
+    def clock(self) -> float:
+        return self.now
+
+    def apply(self, layout: Layout) -> None:
+        self.layout = layout
+
+    def step(self, tuner: LayoutTuner, *, first_in_new_layout: float = 0.0) -> None:
+        settling = first_in_new_layout if self.history and self.history[-1] != self.layout else 0.0
+        self.history.append(self.layout)
+        self.now += self.cost[self.layout] + settling
+        tuner.step_done(1000)
+
+
+def test_candidates_are_one_process_on_all_cores_or_all_but_one_and_one_process_per_core(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert layout_candidates(1) == [ONE]
+    assert layout_candidates(1, max_processes=4) == [ONE]
+    assert layout_candidates(2) == [ONE, TWO]
+    assert layout_candidates(2, max_processes=2) == [ONE, TWO, PROCS]
+    assert layout_candidates(8) == [Layout(1, 7), Layout(1, 8)]
+    assert layout_candidates(8, max_processes=2) == [Layout(1, 7), Layout(1, 8), Layout(2, 4)]
+    assert layout_candidates(8, max_processes=16) == [Layout(1, 7), Layout(1, 8), Layout(8, 1)]
+    assert str(PROCS) == "2x1"
+    # The cores this process may use: a container limited to 2.5 CPUs on a 16-core host tries 2
+    # and 3 threads, not 15 and 16 that would wait on each other.
+    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(cores, "cgroup_quota", lambda: 2.5)
+    assert layout_candidates() == [Layout(1, 2), Layout(1, 3)]
+    assert layout_candidates(max_processes=8) == [Layout(1, 2), Layout(1, 3), Layout(3, 1)]
+
+
+def test_the_fastest_layout_wins_after_a_trial_of_each() -> None:
+    machine = FakeMachine({ONE: 0.10, TWO: 0.07, PROCS: 0.06})  # a quiet machine: two processes are fastest
+    tuner = LayoutTuner([ONE, TWO, PROCS], machine.apply, clock=machine.clock)
+    for _ in range(20):
+        machine.step(tuner, first_in_new_layout=1.0)  # the settling step would mislead if it were timed
+    assert machine.history[:9] == [ONE] * 3 + [TWO] * 3 + [PROCS] * 3  # one settling and two timed steps each
+    assert set(machine.history[9:]) == {PROCS} and tuner.chosen == PROCS and tuner.trials == 1
+    assert tuner.rates[ONE] > tuner.rates[TWO] > tuner.rates[PROCS]
+
+
+def test_a_loaded_machine_switches_back_to_one_core_at_the_next_check() -> None:
+    machine = FakeMachine({ONE: 0.10, TWO: 0.07, PROCS: 0.06})
+    tuner = LayoutTuner([ONE, TWO, PROCS], machine.apply, first_hold_s=5.0, max_hold_s=20.0, clock=machine.clock)
+    while machine.now < 30:
+        machine.step(tuner)
+    assert tuner.chosen == PROCS and tuner.trials >= 2
+    assert tuner.hold_s > 5.0  # the same winner again: checked less often
+    # Someone else's work starts: two threads now wait for each other, two processes for the slower.
+    machine.cost = {ONE: 0.12, TWO: 0.40, PROCS: 0.25}
+    switched_at = machine.now
+    while tuner.chosen == PROCS:
+        machine.step(tuner)
+    assert machine.now - switched_at < 20.0 + 3 * (0.12 + 0.40 + 0.25)  # within one hold and one trial
+    assert machine.layout == ONE and tuner.hold_s == 5.0  # a new winner: checked soon again
+    steps = len(machine.history)
+    while machine.now < switched_at + 60:
+        machine.step(tuner)
+    assert machine.history[steps:].count(ONE) > 0.7 * (len(machine.history) - steps)  # trials cost little
+
+
+def test_restart_clock_keeps_a_pause_out_of_the_timing() -> None:
+    machine = FakeMachine({ONE: 0.10, TWO: 0.06})
+    tuner = LayoutTuner([ONE, TWO], machine.apply, clock=machine.clock)
+    machine.step(tuner)
+    machine.step(tuner)
+    machine.now += 30.0  # validation between epochs
+    tuner.restart_clock()
+    for _ in range(10):
+        machine.step(tuner)
+    assert tuner.chosen == TWO and tuner.rates[ONE] < 0.001
