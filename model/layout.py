@@ -13,11 +13,14 @@ winner changes.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import NamedTuple
 
 from seqserve.runtime.cores import available_cores
+
+log = logging.getLogger(__name__)
 
 FIRST_HOLD_S = 15.0
 MAX_HOLD_S = 120.0
@@ -47,14 +50,21 @@ def layout_candidates(cores: int | None = None, *, max_processes: int = 1) -> li
 
 
 class LayoutTuner:
-    """Times `trial_steps` steps in each candidate layout (after one step to settle in), then
-    trains in the fastest until the next trial. Call `step_done(tokens)` after every step; it
-    applies the layout of the next one (`apply(layout)`), and `restart_clock()` after a pause."""
+    """Times `trial_steps` steps in each candidate layout (after one step to settle in, or
+    `warmup_steps` where processes train for the first time), then trains in the fastest until the
+    next trial. Call `step_done(tokens)` after every step; it applies the layout of the next one
+    (`apply(layout)`), and `restart_clock()` after a pause.
 
-    def __init__(self, candidates: list[Layout], apply: Callable[[Layout], None], *, trial_steps: int = 2,
-                 first_hold_s: float = FIRST_HOLD_S, max_hold_s: float = MAX_HOLD_S,
+    A process's first steps are slow (its allocator and oneDNN's kernels for each new shape warm
+    up): a worker's second and third steps took up to 1.5x its later ones, and a trial that timed
+    them picked one process over two that trained faster."""
+
+    def __init__(self, candidates: list[Layout], apply: Callable[[Layout], None], *, trial_steps: int = 3,
+                 warmup_steps: int = 4, first_hold_s: float = FIRST_HOLD_S, max_hold_s: float = MAX_HOLD_S,
                  clock: Callable[[], float] = time.perf_counter) -> None:
-        self.candidates, self.trial_steps = list(candidates), trial_steps
+        self.candidates, self.trial_steps, self.warmup_steps = list(candidates), trial_steps, warmup_steps
+        self._warm = 0  # processes that have trained steps (the trainer's and its first workers)
+        self._settle = 1
         self.first_hold_s, self.max_hold_s = first_hold_s, max_hold_s
         self.clock, self.apply = clock, apply
         self.hold_s = first_hold_s
@@ -83,6 +93,8 @@ class LayoutTuner:
 
     def _begin(self, layout: Layout) -> None:
         self._steps, self._seconds, self._tokens = 0, 0.0, 0.0
+        self._settle = self.warmup_steps if layout.processes > self._warm else 1
+        self._warm = max(self._warm, layout.processes)
         self.apply(layout)
 
     def step_done(self, tokens: int) -> None:
@@ -94,16 +106,18 @@ class LayoutTuner:
                 self._start_trial()
             return
         self._steps += 1
-        if self._steps > 1:  # the first step in a new layout settles its thread pool in; not timed
+        if self._steps > self._settle:  # the first step in a new layout settles its thread pool in
             self._seconds += seconds
             self._tokens += tokens
-        if self._steps <= self.trial_steps:
+        if self._steps < self._settle + self.trial_steps:
             return
         self.rates[self._queue.pop(0)] = self._seconds / max(self._tokens, 1.0)
         if self._queue:
             self._begin(self._queue[0])
             return
         best = min(self.rates, key=self.rates.__getitem__)
+        log.debug("layouts timed (µs per target token): %s; training in %s",
+                  ", ".join(f"{k} {1e6 * v:.1f}" for k, v in self.rates.items()), best)
         self.hold_s = min(2 * self.hold_s, self.max_hold_s) if best == self.chosen else self.first_hold_s
         self.chosen, self.trials = best, self.trials + 1
         self._hold_until = now + self.hold_s

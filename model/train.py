@@ -459,7 +459,10 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
             if shares > 1:
                 step_loss += workers.finish_step(shares - 1, into=own_grads)
             if opts.clip_norm > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), opts.clip_norm)
+                if own_grads is not None:  # one flat buffer: its norm is the gradient's, in one pass
+                    own_grads.mul_((opts.clip_norm / (torch.linalg.vector_norm(own_grads) + 1e-6)).clamp(max=1.0))
+                else:
+                    nn.utils.clip_grad_norm_(model.parameters(), opts.clip_norm)
             optimizer.step()
             if own_grads is not None:
                 own_grads.zero_()  # the parameters' .grad are views of it: keep them
