@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 FIRST_HOLD_S = 15.0
 MAX_HOLD_S = 120.0
+MARGIN = 0.05  # a challenger must be this much faster per token to replace the layout in use
 
 
 class Layout(NamedTuple):
@@ -57,12 +58,18 @@ class LayoutTuner:
 
     A process's first steps are slow (its allocator and oneDNN's kernels for each new shape warm
     up): a worker's second and third steps took up to 1.5x its later ones, and a trial that timed
-    them picked one process over two that trained faster."""
+    them picked one process over two that trained faster. So trials run the layouts that use the
+    most cores first, where every process warms up at once.
+
+    Steps vary by 10-20% from one to the next on a busy host, so two layouts within `MARGIN` of
+    each other would take turns winning, and each change restarts the short hold; the layout in
+    use stays unless another beats it by more than `MARGIN`."""
 
     def __init__(self, candidates: list[Layout], apply: Callable[[Layout], None], *, trial_steps: int = 3,
                  warmup_steps: int = 4, first_hold_s: float = FIRST_HOLD_S, max_hold_s: float = MAX_HOLD_S,
                  clock: Callable[[], float] = time.perf_counter) -> None:
-        self.candidates, self.trial_steps, self.warmup_steps = list(candidates), trial_steps, warmup_steps
+        self.candidates = sorted(candidates, key=lambda c: (-c.processes * c.threads, -c.processes))
+        self.trial_steps, self.warmup_steps = trial_steps, warmup_steps
         self._warm = 0  # processes that have trained steps (the trainer's and its first workers)
         self._settle = 1
         self.first_hold_s, self.max_hold_s = first_hold_s, max_hold_s
@@ -116,6 +123,8 @@ class LayoutTuner:
             self._begin(self._queue[0])
             return
         best = min(self.rates, key=self.rates.__getitem__)
+        if self.chosen is not None and self.rates[self.chosen] <= (1 + MARGIN) * self.rates[best]:
+            best = self.chosen
         log.debug("layouts timed (µs per target token): %s; training in %s",
                   ", ".join(f"{k} {1e6 * v:.1f}" for k, v in self.rates.items()), best)
         self.hold_s = min(2 * self.hold_s, self.max_hold_s) if best == self.chosen else self.first_hold_s

@@ -274,13 +274,15 @@ def _layouts(opts: TrainOptions, device: torch.device, world: World, model: nn.M
     """The layouts to train in: one when --threads or --workers fix it (or on a GPU, or under
     torchrun), else the candidates the tuner times."""
     most = max_processes(opts, device, world, opts.max_tokens)
-    if most > 1 and opts.workers is None:
-        # shared memory: parameters once, gradients once per process (a container's /dev/shm is
-        # 64 MiB unless raised; training in one process needs none)
-        need = (most + 1) * sum(p.numel() * p.element_size() for p in model.parameters())
-        if not shm_room(2 * need):
-            log.info("one training process: /dev/shm has less than the %d MiB that %d would share", 2 * need >> 20, most)
-            most = 1
+    # shared memory: parameters once, gradients once per process, with room to spare (a
+    # container's /dev/shm is 64 MiB unless raised; training in one process needs none)
+    need = 2 * (most + 1) * sum(p.numel() * p.element_size() for p in model.parameters())
+    if most > 1 and not shm_room(need):
+        if opts.workers is not None:
+            raise SeqserveError(f"--workers {most}: the workers share {need >> 20} MiB through /dev/shm, which has "
+                                "less free; raise it (docker run --shm-size) or train with fewer workers")
+        log.info("one training process: /dev/shm has less than the %d MiB that %d would share", need >> 20, most)
+        most = 1
     if opts.workers is not None:
         return [Layout(most, opts.threads or max(1, available_cores() // most))]
     if opts.threads is not None or device.type != "cpu" or world.distributed:

@@ -54,9 +54,10 @@ def test_the_fastest_layout_wins_after_a_trial_of_each() -> None:
     tuner = LayoutTuner([ONE, TWO, PROCS], machine.apply, clock=machine.clock)
     for _ in range(30):
         machine.step(tuner, first_in_new_layout=1.0)  # the settling step would mislead if it were timed
-    # The first layout and the first with two processes warm up for 4 steps; then 3 timed steps each.
-    assert machine.history[:18] == [ONE] * 7 + [TWO] * 4 + [PROCS] * 7
-    assert set(machine.history[18:]) == {PROCS} and tuner.chosen == PROCS and tuner.trials == 1
+    # The layout using the most cores first, where both processes warm up (4 untimed steps); then
+    # one settling step in each of the others, and 3 timed steps in each.
+    assert machine.history[:15] == [PROCS] * 7 + [TWO] * 4 + [ONE] * 4
+    assert set(machine.history[15:]) == {PROCS} and tuner.chosen == PROCS and tuner.trials == 1
     assert tuner.rates[ONE] > tuner.rates[TWO] > tuner.rates[PROCS]
 
 
@@ -90,3 +91,19 @@ def test_restart_clock_keeps_a_pause_out_of_the_timing() -> None:
     for _ in range(10):
         machine.step(tuner)
     assert tuner.chosen == TWO and tuner.rates[ONE] < 0.001
+
+
+def test_a_layout_barely_faster_does_not_displace_the_one_in_use() -> None:
+    machine = FakeMachine({ONE: 0.10, TWO: 0.07, PROCS: 0.06})
+    tuner = LayoutTuner([ONE, TWO, PROCS], machine.apply, first_hold_s=5.0, max_hold_s=80.0, clock=machine.clock)
+    while tuner.trials < 1:
+        machine.step(tuner)
+    assert tuner.chosen == PROCS
+    machine.cost = {ONE: 0.10, TWO: 0.059, PROCS: 0.06}  # within the noise of a step: keep what runs
+    while tuner.trials < 3:
+        machine.step(tuner)
+    assert tuner.chosen == PROCS and tuner.hold_s == 20.0  # kept twice: held twice as long each time
+    machine.cost = {ONE: 0.10, TWO: 0.05, PROCS: 0.06}  # clearly faster now
+    while tuner.trials < 4:
+        machine.step(tuner)
+    assert tuner.chosen == TWO and tuner.hold_s == 5.0

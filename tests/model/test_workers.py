@@ -126,3 +126,22 @@ def test_workers_are_for_a_cpu_and_at_least_one(data: list[str], tmp_path: Path,
     assert seqserve(["train", *data, "--out", str(tmp_path / "x"), "--workers", "0", *FLAGS]) == 1
     assert "--workers must be at least 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "x" / "metrics.json").exists()
+
+
+def test_without_room_in_dev_shm_workers_are_left_out_or_refused(data: list[str], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    import seqserve.model.train as train_module
+    from seqserve.server.cli import main as seqserve
+
+    monkeypatch.setattr(train_module, "shm_room", lambda nbytes: False)  # a container's small /dev/shm
+    flags = ["--preset", "tiny", "--epochs", "1", "--max-tokens", "2048", "--precision", "fp32", "--device", "cpu",
+             "--vocab-size", "120"]
+    assert seqserve(["train", *data, "--out", str(tmp_path / "asked"), "--workers", "2", *flags]) == 1
+    assert "/dev/shm" in capsys.readouterr().err
+    # Left to the trainer, the layouts timed are one process's only.
+    with caplog.at_level("INFO", logger="seqserve.model.train"):
+        assert main([*data, "--out", str(tmp_path / "auto"), *flags]) == 0
+    assert "one training process: /dev/shm has less than" in caplog.text
+    assert all(v["processes"] == 1 for v in _metrics(tmp_path / "auto")["history"])
