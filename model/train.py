@@ -353,14 +353,20 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
         opts = replace(opts, epochs=auto_epochs(steps_per_epoch))
     warmup = state["warmup"] if state is not None else (opts.warmup or auto_warmup(opts.epochs * steps_per_epoch))
     layouts = _layouts(opts, device, world, model)
+    own_grads = None  # with workers: this process's flat gradient buffer (its parameters' .grad)
+    if workers is not None and max(layouts).processes > 1:
+        flat, own_grads = shared_flat(model)
+        try:
+            workers.attach(WorkerSetup(cfg.to_dict(), str(autocast_dtype).removeprefix("torch.") if autocast_dtype
+                                       else None, opts.label_smoothing), flat)
+        except SeqserveError as e:
+            if opts.workers is not None:
+                raise
+            log.warning("%s; training in one process", e)  # the layouts of one process still work
+            layouts = [c for c in layouts if c.processes == 1]
     if workers is not None and max(layouts).processes == 1:
         workers.close()
         workers = None
-    own_grads = None  # with workers: this process's flat gradient buffer (its parameters' .grad)
-    if workers is not None:
-        flat, own_grads = shared_flat(model)
-        workers.attach(WorkerSetup(cfg.to_dict(), str(autocast_dtype).removeprefix("torch.") if autocast_dtype else None,
-                                   opts.label_smoothing), flat)
     # fused: one kernel for all parameters, 3.6 against 6.0 ms a demo step on a CPU
     optimizer = torch.optim.Adam(model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

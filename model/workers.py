@@ -102,10 +102,17 @@ class CpuWorkers:
         """Give every worker the model (its parameters: views of `flat`) and a gradient buffer of
         its own; waits until all are ready."""
         self.grads = [torch.zeros_like(flat).share_memory_() for _ in self.processes]
-        for conn, grads in zip(self.conns, self.grads):
-            conn.send((setup, flat, grads))
-        for i in range(len(self.processes)):
-            self._receive(i, timeout_s=READY_TIMEOUT_S)
+        try:
+            for conn, grads in zip(self.conns, self.grads):
+                conn.send((setup, flat, grads))
+            for i in range(len(self.processes)):
+                self._receive(i, timeout_s=READY_TIMEOUT_S)
+        except (SeqserveError, OSError):
+            failed = next((i for i, p in enumerate(self.processes) if p.exitcode not in (None, 0)), 0)
+            raise SeqserveError(
+                f"training worker {failed + 1} {_how_it_ended(self.processes[failed].exitcode)} before it was ready "
+                "(its error is above). Each worker imports the script that started training, so a script "
+                'that calls train() must do so under `if __name__ == "__main__":`') from None
 
     def start_step(self, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], scale: float,
                    seeds: list[int], threads: int) -> None:

@@ -145,3 +145,23 @@ def test_without_room_in_dev_shm_workers_are_left_out_or_refused(data: list[str]
         assert main([*data, "--out", str(tmp_path / "auto"), *flags]) == 0
     assert "one training process: /dev/shm has less than" in caplog.text
     assert all(v["processes"] == 1 for v in _metrics(tmp_path / "auto")["history"])
+
+
+def test_workers_that_cannot_start_leave_training_to_one_process_or_say_why(data: list[str], tmp_path: Path) -> None:
+    # A script read from stdin cannot be imported again by the workers (spawned interpreters
+    # import the script that started training), as with a script that trains at its top level.
+    def run_from_stdin(args: list[str]) -> subprocess.CompletedProcess:
+        script = f"import sys\nfrom seqserve.server.cli import main\nsys.exit(main({['train', *args]!r}))\n"
+        return subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=300)
+
+    flags = ["--preset", "tiny", "--epochs", "1", "--max-tokens", "2048", "--precision", "fp32", "--device", "cpu",
+             "--vocab-size", "120"]
+    auto = run_from_stdin([*data, "--out", str(tmp_path / "auto"), *flags])
+    assert auto.returncode == 0, auto.stderr[-2000:]
+    assert "training worker 1 exited with status 1 before it was ready" in auto.stderr
+    assert "training in one process" in auto.stderr
+    assert all(v["processes"] == 1 for v in _metrics(tmp_path / "auto")["history"])
+    asked = run_from_stdin([*data, "--out", str(tmp_path / "asked"), "--workers", "2", *flags])
+    assert asked.returncode == 1
+    assert 'under `if __name__ == "__main__":`' in asked.stderr
+    assert not (tmp_path / "asked" / "metrics.json").exists()
