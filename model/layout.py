@@ -78,7 +78,7 @@ class LayoutTuner:
         self.chosen: Layout | None = None
         self.rates: dict[Layout, float] = {}  # seconds per target token in each layout, in the last trial
         self.trials = 0  # trials finished so far
-        self._queue: list[int] = []
+        self._queue: list[Layout] = []
         self._seconds = self._tokens = 0.0
         self._steps = 0
         self._hold_until = 0.0
@@ -108,7 +108,7 @@ class LayoutTuner:
         """Record a finished step of `tokens` target tokens and apply the layout of the next one."""
         now = self.clock()
         seconds, self._last = now - self._last, now
-        if not self._queue:  # training at the chosen count
+        if not self._queue:  # training in the chosen layout
             if now >= self._hold_until and len(self.candidates) > 1:
                 self._start_trial()
             return

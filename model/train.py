@@ -37,12 +37,11 @@ from seqserve.model.batching import MAX_TOKENS, Encoded, _pad, collate, rank_row
 from seqserve.model.checkpoint import Checkpoint, save_checkpoint
 from seqserve.model.data import TASKS, Pair, read_tsv, task_pairs, train_tokenizer
 from seqserve.model.distributed import World, all_sum, close_world, from_main, init_world
-from seqserve.model.loss import label_smoothed_nll_sum
 from seqserve.model.progress import Progress
 from seqserve.model.resume import STATE_FILE, load_training_state, save_training_state
 from seqserve.model.schedule import DivergenceCheck, auto_epochs, auto_warmup, scheduled_lr
 from seqserve.model.layout import Layout, LayoutTuner, layout_candidates
-from seqserve.model.workers import CpuWorkers, WorkerSetup, shared_flat, shm_room
+from seqserve.model.workers import CpuWorkers, WorkerSetup, shared_flat, shm_room, train_share
 from seqserve.model.transformer import Transformer, count_parameters, greedy_decode
 from seqserve.runtime.config import BASE, ModelConfig
 from seqserve.runtime.cores import available_cores
@@ -357,8 +356,7 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
     if workers is not None and max(layouts).processes > 1:
         flat, own_grads = shared_flat(model)
         try:
-            workers.attach(WorkerSetup(cfg.to_dict(), str(autocast_dtype).removeprefix("torch.") if autocast_dtype
-                                       else None, opts.label_smoothing), flat)
+            workers.attach(WorkerSetup(cfg.to_dict(), autocast_dtype, opts.label_smoothing), flat)
         except SeqserveError as e:
             if opts.workers is not None:
                 raise
@@ -455,15 +453,10 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
                                    scale, [_step_seed(opts.seed, step, world, share=i) for i in range(1, shares)],
                                    layout.threads)
             batch = parts[0]
-            torch.manual_seed(_step_seed(opts.seed, step, world))
-            src, tgt_in, tgt_out = (t.to(device, non_blocking=True)
-                                    for t in (batch.source, batch.target_in, batch.target_out))
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-                logits = net(src, tgt_in)  # (B, T, V)
-            loss_sum = label_smoothed_nll_sum(logits.flatten(0, 1), tgt_out.flatten(),
-                                              smoothing=opts.label_smoothing, ignore_index=cfg.pad_id)
-            (loss_sum * scale).backward()
-            step_loss = loss_sum.item()
+            step_loss = train_share(net, *(t.to(device, non_blocking=True)
+                                           for t in (batch.source, batch.target_in, batch.target_out)),
+                                    seed=_step_seed(opts.seed, step, world), scale=scale, autocast_dtype=autocast_dtype,
+                                    smoothing=opts.label_smoothing, pad_id=cfg.pad_id)
             if shares > 1:
                 step_loss += workers.finish_step(shares - 1, into=own_grads)
             if opts.clip_norm > 0:

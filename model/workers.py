@@ -34,6 +34,10 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from seqserve.model.allocator import keep_freed_memory
+from seqserve.model.loss import label_smoothed_nll_sum
+from seqserve.model.transformer import Transformer
+from seqserve.runtime.config import ModelConfig
 from seqserve.runtime.errors import SeqserveError
 
 READY_TIMEOUT_S = 300.0  # for a worker to start (import torch) and build its model
@@ -44,8 +48,21 @@ class WorkerSetup:
     """What a worker needs to train rows of a batch like the trainer does."""
 
     config: dict[str, Any]  # ModelConfig.to_dict()
-    autocast_dtype: str | None  # "bfloat16" or None for fp32
+    autocast_dtype: torch.dtype | None  # None: fp32
     label_smoothing: float
+
+
+def train_share(net: nn.Module, source: torch.Tensor, target_in: torch.Tensor, target_out: torch.Tensor, *,
+                seed: int, scale: float, autocast_dtype: torch.dtype | None, smoothing: float, pad_id: int) -> float:
+    """Forward and backward of one process's share of a batch (the trainer's or a worker's):
+    dropout seeded by `seed`, the label-smoothed loss summed over its tokens and times `scale`
+    into the parameters' gradients. Returns the unscaled loss."""
+    torch.manual_seed(seed)
+    with torch.autocast(source.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        logits = net(source, target_in)  # (B, T, V)
+    loss = label_smoothed_nll_sum(logits.flatten(0, 1), target_out.flatten(), smoothing=smoothing, ignore_index=pad_id)
+    (loss * scale).backward()
+    return loss.item()
 
 
 def shared_flat(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,9 +111,6 @@ class CpuWorkers:
             self.conns.append(here)
             self.processes.append(p)
         self.grads: list[torch.Tensor] = []
-
-    def __len__(self) -> int:
-        return len(self.processes)
 
     def attach(self, setup: WorkerSetup, flat: torch.Tensor) -> None:
         """Give every worker the model (its parameters: views of `flat`) and a gradient buffer of
@@ -186,11 +200,6 @@ def _worker_main(conn: Any) -> None:
     """A worker's life: wait for the model, then train the rows it is sent until told to stop."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it stops us
-    from seqserve.model.allocator import keep_freed_memory
-    from seqserve.model.loss import label_smoothed_nll_sum
-    from seqserve.model.transformer import Transformer
-    from seqserve.runtime.config import ModelConfig
-
     keep_freed_memory()
     torch.set_num_threads(1)
     try:
@@ -202,20 +211,16 @@ def _worker_main(conn: Any) -> None:
         model = Transformer(cfg)
         _bind(list(model.parameters()), flat, grads, copy=False)
         model.train()
-        dtype = getattr(torch, setup.autocast_dtype) if setup.autocast_dtype else None
         conn.send(("ready", None))
         while (message := conn.recv()) is not None:
             (source, target_in, target_out), scale, seed, threads = message
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
             grads.zero_()
-            torch.manual_seed(seed)
-            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                logits = model(torch.from_numpy(source), torch.from_numpy(target_in))
-            loss = label_smoothed_nll_sum(logits.flatten(0, 1), torch.from_numpy(target_out).flatten(),
-                                          smoothing=setup.label_smoothing, ignore_index=cfg.pad_id)
-            (loss * scale).backward()
-            conn.send(("loss", loss.item()))
+            conn.send(("loss", train_share(model, torch.from_numpy(source), torch.from_numpy(target_in),
+                                           torch.from_numpy(target_out), seed=seed, scale=scale,
+                                           autocast_dtype=setup.autocast_dtype, smoothing=setup.label_smoothing,
+                                           pad_id=cfg.pad_id)))
     except (EOFError, KeyboardInterrupt):
         return  # the trainer is gone or stopping
     except Exception:  # noqa: BLE001 - reported to the trainer, which raises it
