@@ -13,11 +13,11 @@ H heads, Dh head width, L decoder layers, V vocabulary.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from seqserve.model.training_pass import training_pass
 from seqserve.runtime.config import ModelConfig
 
 
@@ -44,68 +44,6 @@ def causal_mask(t: int, p: int, device: torch.device) -> Tensor:
     key_pos = torch.arange(p + t, device=device)  # (P+T,)
     query_pos = torch.arange(t, device=device) + p  # (T,)
     return key_pos[None, :] <= query_pos[:, None]
-
-
-def attention_bias(mask: Tensor) -> Tensor:
-    """A boolean mask (True where attended) as the additive fp32 bias the fused path takes: 0 where
-    attended, the lowest fp32 value elsewhere (so a fully masked row softmaxes to uniform, as in
-    `attend`). Built once per pass and shared by every layer."""
-    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
-        ~mask, torch.finfo(torch.float32).min)
-
-
-class _FusedAttention(torch.autograd.Function):
-    """softmax(q k^T / sqrt(Dh) + bias) v with its backward written out, for training.
-
-    The same arithmetic as `MultiHeadAttention.attend`, arranged for speed on short rows: torch's
-    softmax kernel took about 230 ns per row of 13 keys on a CPU core (18 ns a score), while the
-    same softmax as whole-tensor max, exp, sum and divide ran 4-5x faster; the backward is five
-    tensor operations instead of autograd's chain of about a dozen nodes, and the probabilities are
-    kept once, in fp32. Matrix multiplies run in the inputs' dtype (bf16 under autocast), the
-    softmax in fp32.
-
-    Shifted scores are clamped at -80 before the exponential: torch's CPU exp took 12-35x as long
-    on inputs whose result is subnormal or zero (below about -87: masked slots, of which a causal
-    mask makes nearly half) as on the rest, and this halved the time of a decoder self-attention's
-    forward and backward on the demo's shapes (2.0 to 1.1 ms). A masked slot's weight is then
-    e^-80 of the row's largest (1.8e-35) instead of exactly zero; a fully masked row stays uniform.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout: float) -> Tensor:
-        scale = q.shape[-1] ** -0.5
-        softmax_dtype = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-        p = torch.matmul(q, k.transpose(-2, -1)).to(softmax_dtype)  # (B, H, T, S) scores
-        p.mul_(scale).add_(bias)
-        p.sub_(p.amax(dim=-1, keepdim=True)).clamp_min_(-80.0).exp_()
-        p.div_(p.sum(dim=-1, keepdim=True))  # softmax
-        keep = None
-        if dropout > 0:
-            keep = torch.empty_like(p).bernoulli_(1 - dropout).div_(1 - dropout)  # 0 or 1/(1-dropout)
-        out = torch.matmul((p if keep is None else p * keep).to(v.dtype), v)  # (B, H, T, Dh)
-        ctx.save_for_backward(q, k, v, p, keep)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
-        q, k, v, p, keep = ctx.saved_tensors
-        grad = grad.to(v.dtype).contiguous()  # arrives as a view of the merged heads; read twice below
-        dropped = p if keep is None else p * keep
-        dv = torch.matmul(dropped.to(v.dtype).transpose(-2, -1), grad)  # (B, H, S, Dh)
-        dp = torch.matmul(grad, v.transpose(-2, -1)).to(p.dtype)  # (B, H, T, S)
-        if keep is not None:
-            dp.mul_(keep)
-        # softmax backward: p * (dp - sum(dp * p)), then the scale of the scores
-        dp.sub_((dp * p).sum(dim=-1, keepdim=True)).mul_(p).mul_(ctx.scale)
-        ds = dp.to(q.dtype)
-        return torch.matmul(ds, k), torch.matmul(ds.transpose(-2, -1), q), dv, None, None
-
-
-def fused_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout: float = 0.0) -> Tensor:
-    """Attention of q (B, H, T, Dh) over k, v (B, H, S, Dh) with an additive `bias` (broadcast to
-    B, H, T, S) from `attention_bias`, dropout on the weights: (B, H, T, Dh)."""
-    return _FusedAttention.apply(q, k, v, bias, dropout)
 
 
 class MultiHeadAttention(nn.Module):
@@ -145,30 +83,6 @@ class MultiHeadAttention(nn.Module):
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, D)
         return self.out_proj(out), weights
 
-    def attend_fused(self, x: Tensor, bias: Tensor, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """`attend` for the training pass: x (B, T, D) over its own keys and values (kv None: Q, K
-        and V in one matrix multiply) or over given contiguous kv (B, H, S, Dh) each, with an
-        additive `bias` from `attention_bias`; returns the output (B, T, D)."""
-        b, t, d = x.shape
-        if kv is None:
-            heads = project_heads(x, [self.q_proj, self.k_proj, self.v_proj], self.n_heads)  # (3, B, H, T, Dh)
-            q, k, v = heads.unbind(0)
-        else:
-            q = self.split_heads(self.q_proj(x)).contiguous()
-            k, v = kv
-        out = fused_attention(q, k, v, bias, self.dropout.p if self.training else 0.0)  # (B, H, T, Dh)
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
-
-
-def project_heads(x: Tensor, projections: list[nn.Linear], n_heads: int) -> Tensor:
-    """Several linear maps of x (B, T, D) as one matrix multiply, split into heads: (N, B, H, T, Dh),
-    contiguous, so attention's batched multiplies read each head without copying it again."""
-    b, t, _ = x.shape
-    weight = torch.cat([p.weight for p in projections]) if len(projections) > 1 else projections[0].weight
-    bias = torch.cat([p.bias for p in projections]) if len(projections) > 1 else projections[0].bias
-    y = nn.functional.linear(x, weight, bias)  # (B, T, N*D)
-    return y.view(b, t, len(projections), n_heads, -1).permute(2, 0, 3, 1, 4).contiguous()
-
 
 class FeedForward(nn.Module):
     """Position-wise feed-forward network: two linear maps with a ReLU between."""
@@ -201,11 +115,6 @@ class EncoderLayer(nn.Module):
         x = self.norm1(x + self.dropout(self.self_attn.attend(x, k, v, mask)[0]))
         return self.norm2(x + self.dropout(self.feed_forward(x)))
 
-    def forward_fused(self, x: Tensor, bias: Tensor) -> Tensor:
-        """`forward` for the training pass, with the mask as an additive bias (`attention_bias`)."""
-        x = self.norm1(x + self.dropout(self.self_attn.attend_fused(x, bias)))
-        return self.norm2(x + self.dropout(self.feed_forward(x)))
-
 
 class DecoderLayer(nn.Module):
     """Masked self-attention over the cache, cross-attention to the encoder, then feed-forward."""
@@ -231,13 +140,6 @@ class DecoderLayer(nn.Module):
         x = self.norm2(x + self.dropout(attended))
         x = self.norm3(x + self.dropout(self.feed_forward(x)))
         return x, k, v, weights
-
-    def forward_fused(self, x: Tensor, self_bias: Tensor, cross_kv: tuple[Tensor, Tensor],
-                      source_bias: Tensor) -> Tensor:
-        """`forward` for the training pass: no cache, masks as additive biases, cross K/V given."""
-        x = self.norm1(x + self.dropout(self.self_attn.attend_fused(x, self_bias)))
-        x = self.norm2(x + self.dropout(self.cross_attn.attend_fused(x, source_bias, cross_kv)))
-        return self.norm3(x + self.dropout(self.feed_forward(x)))
 
 
 class Transformer(nn.Module):
@@ -312,34 +214,10 @@ class Transformer(nn.Module):
         """Teacher-forced training pass: all target positions in parallel, (B, T) -> logits (B, T, V).
 
         The arithmetic of `encode` then `decode` with an empty cache (the tests hold them to each
-        other), arranged for training: masks become additive biases built once and shared by every
-        layer, attention runs through `fused_attention`, Q, K and V of a self-attention come from
-        one matrix multiply and so do all the layers' cross-attention K and V, and no cache is
-        concatenated or stacked.
+        other), as one autograd function with its backward written out (`training_pass`): under
+        autocast the matrices, the activations between layers and the logits are in its dtype.
         """
-        source_mask = source_ids != self.cfg.pad_id
-        b, s = source_ids.shape
-        t = target_in.shape[1]
-        source_bias = attention_bias(source_mask[:, None, None, :])  # (B, 1, 1, S)
-        device = source_ids.device.type
-        # Under a CPU's autocast the residual stream is kept in its dtype (bf16) from the embedding
-        # on: layer norms take and give bf16 (their statistics in fp32), and every linear map reads
-        # its input without a cast, where an fp32 stream was cast again for each matrix. (CUDA's
-        # autocast runs layer norms in fp32, so there the stream is fp32 after the first one.)
-        low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        x = self.embed(source_ids, torch.arange(s, device=source_ids.device).expand(b, s)).to(low)
-        for layer in self.encoder:
-            x = layer.forward_fused(x, source_bias)
-        # every decoder layer's cross-attention keys and values in one matrix multiply
-        cross = project_heads(x, [p for layer in self.decoder for p in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)],
-                              self.cfg.n_heads)  # (2L, B, H, S, Dh)
-        self_bias = attention_bias((target_in != self.cfg.pad_id)[:, None, None, :]
-                                   & causal_mask(t, 0, target_in.device))  # (B, 1, T, T)
-        y = self.embed(target_in, torch.arange(t, device=target_in.device).expand(b, t)).to(low)
-        cross_kv = cross.unbind(0)  # one view each; its backward stacks the gradients in one copy
-        for i, layer in enumerate(self.decoder):
-            y = layer.forward_fused(y, self_bias, (cross_kv[2 * i], cross_kv[2 * i + 1]), source_bias)
-        return y @ self.embedding.weight.t()  # (B, T, V)
+        return training_pass(self, source_ids, target_in)
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ import torch
 
 from seqserve.runtime.config import BASE, ModelConfig
 from seqserve.runtime.errors import CheckpointError
-from seqserve.model.transformer import Transformer, attention_bias, count_parameters, fused_attention, greedy_decode
+from seqserve.model.training_pass import attention_backward, attention_bias, attention_forward
+from seqserve.model.transformer import Transformer, count_parameters, greedy_decode
 
 TINY = ModelConfig(vocab_size=50, d_model=32, encoder_layers=2, decoder_layers=3, n_heads=4, d_ff=64,
                    dropout=0.0, max_source_len=20, max_target_len=20)
@@ -160,6 +161,31 @@ def test_training_pass_matches_the_inference_path_in_value_and_gradient() -> Non
         torch.testing.assert_close(fused_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_training_pass_backward_is_exact_with_and_without_dropout(dropout: float) -> None:
+    """gradcheck of the written-out backward against finite differences, in fp64, every parameter."""
+    cfg = ModelConfig(vocab_size=11, d_model=8, encoder_layers=1, decoder_layers=2, n_heads=2, d_ff=12,
+                      dropout=dropout, max_source_len=8, max_target_len=8)
+    torch.manual_seed(5)
+    model = Transformer(cfg).double().train()
+    src = torch.randint(4, cfg.vocab_size, (2, 5))
+    src[1, 3:] = cfg.pad_id
+    tgt = torch.randint(4, cfg.vocab_size, (2, 4))
+    tgt[0, 3:] = cfg.pad_id
+    params = tuple(model.parameters())
+
+    def logits(*_: torch.Tensor) -> torch.Tensor:  # gradcheck perturbs the parameters in place
+        torch.manual_seed(6)  # the same dropout masks at every call
+        return model(src, tgt)
+
+    assert torch.autograd.gradcheck(logits, params, fast_mode=True)
+    if dropout:
+        with torch.no_grad():
+            dropped = logits()
+            model.eval()
+            assert not torch.allclose(dropped, logits())  # the masks were drawn, and eval draws none
+
+
 def test_training_pass_under_bf16_autocast_stays_close_to_fp32() -> None:
     torch.manual_seed(2)
     model = Transformer(TINY).train()
@@ -171,8 +197,23 @@ def test_training_pass_under_bf16_autocast_stays_close_to_fp32() -> None:
     assert (low.float() - full).abs().max() < 0.05 * full.abs().max()
 
 
+class _Attention(torch.autograd.Function):
+    """attention_forward / attention_backward as an autograd function, for gradcheck."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, dropout):  # noqa: ANN001, ANN205
+        out, p, keep = attention_forward(q, k, v, bias, dropout)
+        ctx.save_for_backward(q, k, v)
+        ctx.p, ctx.keep = p, keep
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        return (*attention_backward(grad.contiguous(), *ctx.saved_tensors, ctx.p, ctx.keep), None, None)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_fused_attention_gradients_are_exact(dropout: float) -> None:
+def test_attention_backward_is_exact(dropout: float) -> None:
     torch.manual_seed(3)
     q, k, v = (torch.randn(2, 3, n, 4, dtype=torch.float64, requires_grad=True) for n in (5, 6, 6))
     mask = torch.ones(2, 1, 5, 6, dtype=torch.bool)
@@ -182,7 +223,7 @@ def test_fused_attention_gradients_are_exact(dropout: float) -> None:
 
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         torch.manual_seed(4)  # the same dropout mask at every call gradcheck makes
-        return fused_attention(q, k, v, bias, dropout)
+        return _Attention.apply(q, k, v, bias, dropout)
 
     assert torch.autograd.gradcheck(attention, (q, k, v))
     if dropout == 0:
@@ -191,13 +232,13 @@ def test_fused_attention_gradients_are_exact(dropout: float) -> None:
     else:  # dropout zeroes whole weights and rescales the rest: each output mixes a subset of values
         with torch.no_grad():
             kept = attention(q, k, v)
-            plain = fused_attention(q, k, v, bias, 0.0)
+            plain = attention_forward(q, k, v, bias, 0.0)[0]
         assert not torch.allclose(kept, plain)
 
 
-def test_fused_attention_gives_a_fully_masked_row_uniform_weights_as_attend_does() -> None:
+def test_attention_gives_a_fully_masked_row_uniform_weights_as_attend_does() -> None:
     q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
     mask = torch.ones(1, 1, 3, 5, dtype=torch.bool)
     mask[0, 0, 1] = False
-    out = fused_attention(q, k, v, attention_bias(mask))
+    out = attention_forward(q, k, v, attention_bias(mask), 0.0)[0]
     torch.testing.assert_close(out[:, :, 1], v.mean(dim=2))
