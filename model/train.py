@@ -447,12 +447,14 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
             scale = world.size / global_target_tokens
             rows = rank_rows(global_rows, world.rank, world.size)
             shares = min(layout.processes, len(rows))  # this process's and its workers' rows
-            parts = [collate(train_data, rank_rows(rows, i, shares), cfg) for i in range(shares)]
+            # the workers' rows first: they start on them while this process collates its own
+            parts = [collate(train_data, rank_rows(rows, i, shares), cfg) for i in range(1, shares)]
             if shares > 1:
-                workers.start_step([(b.source.numpy(), b.target_in.numpy(), b.target_out.numpy()) for b in parts[1:]],
+                workers.start_step([(b.source.numpy(), b.target_in.numpy(), b.target_out.numpy()) for b in parts],
                                    scale, [_step_seed(opts.seed, step, world, share=i) for i in range(1, shares)],
                                    layout.threads)
-            batch = parts[0]
+            batch = collate(train_data, rank_rows(rows, 0, shares), cfg)
+            parts.append(batch)
             step_loss = train_share(net, *(t.to(device, non_blocking=True)
                                            for t in (batch.source, batch.target_in, batch.target_out)),
                                     seed=_step_seed(opts.seed, step, world), scale=scale, autocast_dtype=autocast_dtype,
