@@ -54,9 +54,8 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor,
     """softmax(q k^T / sqrt(Dh) + bias) v for q (B, H, T, Dh) over k, v (B, H, S, Dh), dropout on
     the weights. Returns the output (B, H, T, Dh), the weights in fp32 (or fp64 for fp64 inputs),
     and the scaled dropout mask (None without dropout), the two that `attention_backward` reads."""
-    softmax_dtype = torch.promote_types(q.dtype, torch.float32)
-    p = torch.matmul(q, k.transpose(-2, -1)).to(softmax_dtype)  # (B, H, T, S) scores
-    p.mul_(q.shape[-1] ** -0.5).add_(bias)
+    # scale, bias and the cast to fp32 in one pass: (B, H, T, S) scores
+    p = torch.add(bias, torch.matmul(q, k.transpose(-2, -1)), alpha=q.shape[-1] ** -0.5)
     p.sub_(p.amax(dim=-1, keepdim=True)).clamp_min_(SCORE_FLOOR).exp_()
     p.div_(p.sum(dim=-1, keepdim=True))  # softmax
     keep = None
@@ -73,12 +72,12 @@ def attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, p: Tensor,
     dq, dk, dv = out if out is not None else (None, None, None)
     dropped = p if keep is None else p * keep
     dv = torch.matmul(dropped.to(v.dtype).transpose(-2, -1), grad, out=dv)  # (B, H, S, Dh)
-    dp = torch.matmul(grad, v.transpose(-2, -1)).to(p.dtype)  # (B, H, T, S)
+    dp = torch.matmul(grad, v.transpose(-2, -1))  # (B, H, T, S), in v's dtype
     if keep is not None:
-        dp.mul_(keep)
-    # softmax backward: p * (dp - sum(dp * p)), then the scale of the scores
-    dp.sub_((dp * p).sum(dim=-1, keepdim=True)).mul_(p).mul_(q.shape[-1] ** -0.5)
-    ds = dp.to(q.dtype)
+        dp = dp * keep
+    # softmax backward, p * (dp - sum(dp * p)), and the scores' scale, back in q's dtype
+    ds = torch.sub(dp, (dp * p).sum(dim=-1, keepdim=True)).mul_(p)
+    ds = torch.mul(ds, q.shape[-1] ** -0.5, out=torch.empty(ds.shape, dtype=q.dtype, device=ds.device))
     dq = torch.matmul(ds, k, out=dq)
     dk = torch.matmul(ds.transpose(-2, -1), q, out=dk)
     return dq, dk, dv

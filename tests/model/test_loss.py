@@ -35,3 +35,14 @@ def test_bf16_logits_give_a_bf16_gradient_close_to_fp32() -> None:
     reference = nn.CrossEntropyLoss(label_smoothing=0.1, reduction="sum")(half.detach().float(), target)
     assert half.grad.dtype == torch.bfloat16
     assert float(loss.detach()) == pytest.approx(float(reference), rel=1e-5)
+
+
+def test_a_target_whose_probability_underflows_still_gives_the_exact_loss() -> None:
+    # a confident wrong prediction: the target's probability is e^-150, below what fp32 holds
+    logits = torch.zeros(3, 10)
+    logits[:, 2] = 150.0
+    logits[1, 5] = 40.0
+    target = torch.tensor([7, 7, 2])
+    loss = label_smoothed_nll_sum(logits, target, smoothing=0.1, ignore_index=0)
+    reference = nn.CrossEntropyLoss(label_smoothing=0.1, reduction="sum")(logits.double(), target)
+    assert torch.isfinite(loss) and float(loss) == pytest.approx(float(reference), rel=1e-6)
