@@ -62,6 +62,22 @@ def test_the_fastest_layout_wins_after_a_trial_of_each() -> None:
     assert tuner.rates[ONE] > tuner.rates[TWO] > tuner.rates[PROCS]
 
 
+def test_short_steps_are_timed_for_a_minimum_time() -> None:
+    machine = FakeMachine({ONE: 0.02, TWO: 0.011})  # a small corpus: steps of a few hundred tokens
+    tuner = LayoutTuner([ONE, TWO], machine.apply, clock=machine.clock)
+    while tuner.trials < 1:
+        machine.step(tuner)
+    # untimed steps (4 for the first process to train, then 1), then steps until 0.15 s are
+    # timed: 14 of 11 ms, 8 of 20 ms
+    assert machine.history == [TWO] * (4 + 14) + [ONE] * (1 + 8)
+    assert tuner.chosen == TWO
+    machine = FakeMachine({ONE: 0.001, TWO: 0.0005})  # but never more than 20 timed steps
+    tuner = LayoutTuner([ONE, TWO], machine.apply, clock=machine.clock)
+    while tuner.trials < 1:
+        machine.step(tuner)
+    assert machine.history == [TWO] * (4 + 20) + [ONE] * (1 + 20)
+
+
 def test_a_loaded_machine_switches_back_to_one_core_at_the_next_check() -> None:
     machine = FakeMachine({ONE: 0.10, TWO: 0.07, PROCS: 0.06})
     tuner = LayoutTuner([ONE, TWO, PROCS], machine.apply, first_hold_s=5.0, max_hold_s=20.0, clock=machine.clock)
