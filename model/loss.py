@@ -31,7 +31,7 @@ TINY = 1e-30  # below it a probability's log is taken another way (above)
 class _LabelSmoothedSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: Tensor, target: Tensor, smoothing: float, ignore_index: int) -> Tensor:
-        n, v = logits.shape
+        v = logits.shape[-1]
         grad = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))  # (N, V)
         keep = target != ignore_index
         index = target.masked_fill(~keep, 0)[:, None]  # (N, 1): padding points anywhere, then weighs 0

@@ -30,14 +30,13 @@ Dh head width, L decoder layers, V vocabulary.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-if TYPE_CHECKING:
-    from seqserve.model.transformer import Transformer
+from seqserve.model.transformer import Transformer, causal_mask
 
 SCORE_FLOOR = -80.0  # shifted attention scores are clamped here before exp (see above)
 
@@ -105,7 +104,6 @@ class _Grads:
 
     def __init__(self, params: tuple[nn.Parameter, ...]) -> None:
         self.index = {id(p): i for i, p in enumerate(params)}
-        self.params = params
         self.out: list[Tensor | None] = [None] * len(params)
 
     def set(self, param: nn.Parameter, grad: Tensor) -> None:
@@ -281,7 +279,7 @@ class _Pass:
         self.source_ids, self.target_in = source_ids, target_in
         source_bias = attention_bias((source_ids != cfg.pad_id)[:, None, None, :])  # (B, 1, 1, S)
         self_bias = attention_bias((target_in != cfg.pad_id)[:, None, None, :]
-                                   & torch.ones(t, t, dtype=torch.bool, device=target_in.device).tril())  # (B, 1, T, T)
+                                   & causal_mask(t, 0, target_in.device))  # (B, 1, T, T)
 
         x, self.source_keep = self.embed(source_ids)
         self.encoder = []

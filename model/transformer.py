@@ -17,7 +17,6 @@ import math
 import torch
 from torch import Tensor, nn
 
-from seqserve.model.training_pass import training_pass
 from seqserve.runtime.config import ModelConfig
 
 
@@ -217,6 +216,8 @@ class Transformer(nn.Module):
         other), as one autograd function with its backward written out (`training_pass`): under
         autocast the matrices, the activations between layers and the logits are in its dtype.
         """
+        from seqserve.model.training_pass import training_pass  # it builds on this module's pieces
+
         return training_pass(self, source_ids, target_in)
 
 
