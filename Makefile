@@ -21,7 +21,14 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e ".[cpu,train,dev,tracing]"
 	touch $@
 
-install: $(VENV)/.installed
+# The training pass's fused CPU kernels, compiled once per machine (and again when their source
+# changes) into a cache, so that the first `seqserve train` does not wait for the compiler. Without
+# a compiler this says so, and training uses PyTorch operations instead.
+$(VENV)/.kernels: $(VENV)/.installed model/fused_kernels.cpp
+	$(BIN)/python -m seqserve.model.kernels
+	touch $@
+
+install: $(VENV)/.installed $(VENV)/.kernels
 
 # The trainer's defaults; it stops once held-out exact match reaches 99%, and the budget is a ceiling.
 train: install

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from seqserve.model import kernels
+
 TINY = 1e-30  # below it a probability's log is taken another way (above)
 
 
@@ -56,8 +58,30 @@ class _LabelSmoothedSum(torch.autograd.Function):
         return torch.mul(grad, scale, out=out), None, None, None
 
 
+class _FusedLabelSmoothedSum(torch.autograd.Function):
+    """The same loss with the fused CPU kernels (`kernels.py`): the forward reads each row of
+    logits once and keeps only its log-sum-exp; the backward writes the gradient in the logits'
+    dtype from the logits and that log-sum-exp, in one pass each."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, target: Tensor, smoothing: float, ignore_index: int, ops: Any) -> Tensor:
+        losses, lse = ops.smoothed_loss_forward(logits, target, smoothing, ignore_index)
+        ctx.save_for_backward(logits, target, lse)
+        ctx.smoothing, ctx.ignore_index, ctx.ops = smoothing, ignore_index, ops
+        return losses.sum()
+
+    @staticmethod
+    def backward(ctx: Any, scale: Tensor) -> tuple[Tensor, None, None, None, None]:
+        logits, target, lse = ctx.saved_tensors
+        grad = ctx.ops.smoothed_loss_backward(logits, target, lse, scale, ctx.smoothing, ctx.ignore_index)
+        return grad, None, None, None, None
+
+
 def label_smoothed_nll_sum(logits: Tensor, target: Tensor, *, smoothing: float, ignore_index: int) -> Tensor:
     """Cross-entropy with label smoothing `smoothing`, summed over the tokens of `target` that are
     not `ignore_index`: logits (N, V) in any float dtype, target (N,) -> fp32 scalar. Equals
     `nn.CrossEntropyLoss(ignore_index=..., label_smoothing=..., reduction="sum")` on fp32 logits."""
+    ops = kernels.get(logits.device, logits.dtype)
+    if ops is not None:
+        return _FusedLabelSmoothedSum.apply(logits.contiguous(), target.contiguous(), smoothing, ignore_index, ops)
     return _LabelSmoothedSum.apply(logits, target, smoothing, ignore_index)

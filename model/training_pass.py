@@ -23,6 +23,11 @@ tests hold them to each other in value and in every parameter's gradient), arran
   e^-80 of the row's largest (1.8e-35) instead of exactly zero; a fully masked row stays uniform,
   as in `MultiHeadAttention.attend`.
 
+- **Fused CPU kernels** where they could be built (`kernels.py`): the attention softmax and its
+  backward, each residual add with its layer norm, and the norm's backward (which also sums the
+  two gradients a residual's input gets), one pass over rows each. PyTorch operations take their
+  place elsewhere (GPUs, fp64, dropout on the attention weights) and where `kernels.switched(False)`.
+
 Shapes: B batch, S source length, T target length, N = B*S or B*T rows, D d_model, H heads,
 Dh head width, L decoder layers, V vocabulary.
 """
@@ -30,12 +35,13 @@ Dh head width, L decoder layers, V vocabulary.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from seqserve.model import kernels
 from seqserve.model.transformer import Transformer, causal_mask
 
 SCORE_FLOOR = -80.0  # shifted attention scores are clamped here before exp (see above)
@@ -48,35 +54,54 @@ def attention_bias(mask: Tensor) -> Tensor:
         ~mask, torch.finfo(torch.float32).min)
 
 
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor,
-                      dropout: float) -> tuple[Tensor, Tensor, Tensor | None]:
+class Weights(NamedTuple):
+    """What `attention_backward` reads of a forward: the attention weights in fp32 (fp64 for fp64
+    inputs), the scaled dropout mask (None without dropout), and the weights in the values' dtype
+    when the forward made them (the fused kernel does)."""
+    p: Tensor
+    keep: Tensor | None
+    low: Tensor | None
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout: float,
+                      ops: Any = None) -> tuple[Tensor, Weights]:
     """softmax(q k^T / sqrt(Dh) + bias) v for q (B, H, T, Dh) over k, v (B, H, S, Dh), dropout on
-    the weights. Returns the output (B, H, T, Dh), the weights in fp32 (or fp64 for fp64 inputs),
-    and the scaled dropout mask (None without dropout), the two that `attention_backward` reads."""
+    the weights; bias broadcasts to (B, H, T, S). Returns the output (B, H, T, Dh) and what the backward
+    reads. With `ops` (the fused kernels, `kernels.get`), no dropout and one bias for all heads
+    (B, 1, 1 or T, S), scale, bias and softmax are one kernel that also writes the weights in the
+    values' dtype."""
+    scale = q.shape[-1] ** -0.5
+    if ops is not None and dropout == 0 and bias.shape[1] == 1:
+        p, low = ops.attention_softmax(torch.matmul(q, k.transpose(-2, -1)), bias[:, 0], scale, SCORE_FLOOR)
+        return torch.matmul(low, v), Weights(p, None, low)
     # scale, bias and the cast to fp32 in one pass: (B, H, T, S) scores
-    p = torch.add(bias, torch.matmul(q, k.transpose(-2, -1)), alpha=q.shape[-1] ** -0.5)
+    p = torch.add(bias, torch.matmul(q, k.transpose(-2, -1)), alpha=scale)
     p.sub_(p.amax(dim=-1, keepdim=True)).clamp_min_(SCORE_FLOOR).exp_()
     p.div_(p.sum(dim=-1, keepdim=True))  # softmax
     keep = None
     if dropout > 0:
         keep = torch.empty_like(p).bernoulli_(1 - dropout).div_(1 - dropout)  # 0 or 1/(1-dropout)
     out = torch.matmul((p if keep is None else p * keep).to(v.dtype), v)
-    return out, p, keep
+    return out, Weights(p, keep, None)
 
 
-def attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, p: Tensor, keep: Tensor | None,
+def attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, w: Weights, ops: Any = None,
                        out: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of q, k and v from the output's gradient (B, H, T, Dh), contiguous, in v's dtype;
     written into `out` (three contiguous tensors) when given."""
     dq, dk, dv = out if out is not None else (None, None, None)
-    dropped = p if keep is None else p * keep
-    dv = torch.matmul(dropped.to(v.dtype).transpose(-2, -1), grad, out=dv)  # (B, H, S, Dh)
+    scale = q.shape[-1] ** -0.5
+    dropped = w.low if w.low is not None else (w.p if w.keep is None else w.p * w.keep).to(v.dtype)
+    dv = torch.matmul(dropped.transpose(-2, -1), grad, out=dv)  # (B, H, S, Dh)
     dp = torch.matmul(grad, v.transpose(-2, -1))  # (B, H, T, S), in v's dtype
-    if keep is not None:
-        dp = dp * keep
-    # softmax backward, p * (dp - sum(dp * p)), and the scores' scale, back in q's dtype
-    ds = torch.sub(dp, (dp * p).sum(dim=-1, keepdim=True)).mul_(p)
-    ds = torch.mul(ds, q.shape[-1] ** -0.5, out=torch.empty(ds.shape, dtype=q.dtype, device=ds.device))
+    if ops is not None and w.keep is None:
+        ds = ops.attention_softmax_backward(dp, w.p, scale)
+    else:
+        if w.keep is not None:
+            dp = dp * w.keep
+        # softmax backward, p * (dp - sum(dp * p)), and the scores' scale, back in q's dtype
+        ds = torch.sub(dp, (dp * w.p).sum(dim=-1, keepdim=True)).mul_(w.p)
+        ds = torch.mul(ds, scale, out=torch.empty(ds.shape, dtype=q.dtype, device=ds.device))
     dq = torch.matmul(ds, k, out=dq)
     dk = torch.matmul(ds.transpose(-2, -1), q, out=dk)
     return dq, dk, dv
@@ -131,23 +156,36 @@ def _stacked(linears: list[nn.Linear], dtype: torch.dtype) -> tuple[Tensor, Tens
 
 
 class _LayerNorm:
-    """Layer norm on rows of the low dtype; fp32 statistics. A CPU takes the fp32 weights as they
-    are; other devices get them cast to the rows' dtype, as their kernels want one dtype."""
+    """LayerNorm(x + sub) on rows of the low dtype; fp32 statistics. A CPU takes the fp32 weights
+    as they are (and, with the fused kernels, does the add and the norm in one pass); other
+    devices get them cast to the rows' dtype, as their kernels want one dtype."""
 
-    def __init__(self, norm: nn.LayerNorm, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, norm: nn.LayerNorm, dtype: torch.dtype, device: torch.device, ops: Any) -> None:
         self.norm = norm
         cast = device.type != "cpu"
         self.weight = norm.weight.to(dtype) if cast else norm.weight
         self.bias = norm.bias.to(dtype) if cast else norm.bias
+        self.ops = ops if not cast and norm.weight.dtype == torch.float32 else None
 
-    def forward(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
-        y, mean, rstd = torch.native_layer_norm(x, self.norm.normalized_shape, self.weight, self.bias, self.norm.eps)
-        return y, (x, mean, rstd)
+    def forward(self, x: Tensor, sub: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        if self.ops is not None:
+            y, s, mean, rstd = self.ops.add_layer_norm(x, sub, self.weight, self.bias, self.norm.eps)
+            return y, (s, mean, rstd)
+        s = x + sub
+        y, mean, rstd = torch.native_layer_norm(s, self.norm.normalized_shape, self.weight, self.bias, self.norm.eps)
+        return y, (s, mean, rstd)
 
-    def backward(self, grad: Tensor, saved: tuple[Tensor, Tensor, Tensor], grads: _Grads) -> Tensor:
-        x, mean, rstd = saved
-        gx, gw, gb = torch.ops.aten.native_layer_norm_backward(grad, x, self.norm.normalized_shape, mean, rstd,
-                                                               self.weight, self.bias, [True, True, True])
+    def backward(self, grad: Tensor, extra: Tensor | None, saved: tuple[Tensor, Tensor, Tensor],
+                 grads: _Grads) -> Tensor:
+        """The gradient of x + sub for the output's gradient grad + extra (extra may be None)."""
+        s, mean, rstd = saved
+        if self.ops is not None:
+            gx, gw, gb = self.ops.layer_norm_backward(grad, extra, s, mean, rstd, self.weight)
+        else:
+            if extra is not None:
+                grad = grad + extra
+            gx, gw, gb = torch.ops.aten.native_layer_norm_backward(grad, s, self.norm.normalized_shape, mean, rstd,
+                                                                   self.weight, self.bias, [True, True, True])
         grads.set(self.norm.weight, gw)
         grads.set(self.norm.bias, gb)
         return gx
@@ -202,11 +240,11 @@ class _Pass:
         w, bb = _stacked(projections, self.low)
         heads = _heads(torch.addmm(bb, x, w.t()), b, t, 3, attn.n_heads)  # (3, B, H, T, Dh)
         q, k, v = heads.unbind(0)
-        out, p, keep = attention_forward(q, k, v, bias, self.p_attn)
+        out, weights = attention_forward(q, k, v, bias, self.p_attn, self.ops)
         merged = _merge(out)
         wo = attn.out_proj.weight.to(self.low)
         o = torch.addmm(attn.out_proj.bias.to(self.low), merged, wo.t())
-        return o, dict(attn=attn, x=x, w=w, heads=heads, p=p, keep=keep, merged=merged, wo=wo)
+        return o, dict(attn=attn, x=x, w=w, heads=heads, weights=weights, merged=merged, wo=wo)
 
     def self_attention_backward(self, g: Tensor, s: dict, grads: _Grads) -> Tensor:
         """g (N, D) of the output -> gradient of x (N, D)."""
@@ -215,7 +253,7 @@ class _Pass:
         _, b, h, t, _ = heads.shape
         g_out = _split(torch.mm(g, s["wo"]), b, t, h)
         g_heads = torch.empty_like(heads)
-        attention_backward(g_out, *heads.unbind(0), s["p"], s["keep"], out=tuple(g_heads.unbind(0)))
+        attention_backward(g_out, *heads.unbind(0), s["weights"], self.ops, out=tuple(g_heads.unbind(0)))
         g_qkv = _unheads(g_heads)
         grads.linear([attn.q_proj, attn.k_proj, attn.v_proj], g_qkv, s["x"])
         return torch.mm(g_qkv, s["w"])
@@ -224,11 +262,11 @@ class _Pass:
                         bias: Tensor) -> tuple[Tensor, dict]:
         wq = attn.q_proj.weight.to(self.low)
         q = _split(torch.addmm(attn.q_proj.bias.to(self.low), x, wq.t()), b, t, attn.n_heads)
-        out, p, keep = attention_forward(q, k, v, bias, self.p_attn)
+        out, weights = attention_forward(q, k, v, bias, self.p_attn, self.ops)
         merged = _merge(out)
         wo = attn.out_proj.weight.to(self.low)
         o = torch.addmm(attn.out_proj.bias.to(self.low), merged, wo.t())
-        return o, dict(attn=attn, x=x, wq=wq, q=q, k=k, v=v, p=p, keep=keep, merged=merged, wo=wo)
+        return o, dict(attn=attn, x=x, wq=wq, q=q, k=k, v=v, weights=weights, merged=merged, wo=wo)
 
     def cross_attention_backward(self, g: Tensor, s: dict, g_k: Tensor, g_v: Tensor, grads: _Grads) -> Tensor:
         """g (N, D) of the output -> gradient of x (N, D); the keys' and values' into g_k, g_v."""
@@ -237,7 +275,7 @@ class _Pass:
         b, h, t, _ = q.shape
         g_out = _split(torch.mm(g, s["wo"]), b, t, h)
         g_q = torch.empty_like(q)
-        attention_backward(g_out, q, s["k"], s["v"], s["p"], s["keep"], out=(g_q, g_k, g_v))
+        attention_backward(g_out, q, s["k"], s["v"], s["weights"], self.ops, out=(g_q, g_k, g_v))
         g_q = _merge(g_q)
         grads.linear([attn.q_proj], g_q, s["x"])
         return torch.mm(g_q, s["wq"])
@@ -259,14 +297,14 @@ class _Pass:
     def residual(self, x: Tensor, sub: Tensor, norm: nn.LayerNorm) -> tuple[Tensor, dict]:
         """LayerNorm(x + Dropout(sub))."""
         sub, keep = self.drop(sub)
-        ln = _LayerNorm(norm, self.low, x.device)
-        y, saved = ln.forward(x + sub)
+        ln = _LayerNorm(norm, self.low, x.device, self.ops)
+        y, saved = ln.forward(x, sub)
         return y, dict(ln=ln, saved=saved, keep=keep)
 
     @staticmethod
-    def residual_backward(g: Tensor, s: dict, grads: _Grads) -> tuple[Tensor, Tensor]:
-        """-> gradients of x and of the sublayer's output."""
-        g = s["ln"].backward(g, s["saved"], grads)
+    def residual_backward(g: Tensor, extra: Tensor | None, s: dict, grads: _Grads) -> tuple[Tensor, Tensor]:
+        """The output's gradient g + extra (None: g alone) -> gradients of x and of the sublayer's output."""
+        g = s["ln"].backward(g, extra, s["saved"], grads)
         return g, _masked(g, s["keep"])
 
     # -- the pass ----------------------------------------------------------------------------
@@ -277,6 +315,7 @@ class _Pass:
         t = target_in.shape[1]
         self.shape = (b, s, t)
         self.source_ids, self.target_in = source_ids, target_in
+        self.ops = kernels.get(source_ids.device, self.low)
         source_bias = attention_bias((source_ids != cfg.pad_id)[:, None, None, :])  # (B, 1, 1, S)
         self_bias = attention_bias((target_in != cfg.pad_id)[:, None, None, :]
                                    & causal_mask(t, 0, target_in.device))  # (B, 1, T, T)
@@ -317,25 +356,27 @@ class _Pass:
         g_embedding = torch.mm(g_logits.t(), self.output).to(embedding.dtype)  # (V, D)
         g = torch.mm(g_logits, self.embedding_low)
 
-        g_cross = torch.empty_like(self.cross)
+        # a residual's input gets g through the add and g_add through the sublayer: the next layer
+        # norm's backward takes the two and sums them itself
+        g_cross, g_add = torch.empty_like(self.cross), None
         for i, (sa, r1, ca, r2, ff, r3) in reversed(list(enumerate(self.decoder))):
-            g, g_sub = self.residual_backward(g, r3, grads)
-            g = g + self.feed_forward_backward(g_sub, ff, grads)
-            g, g_sub = self.residual_backward(g, r2, grads)
-            g = g + self.cross_attention_backward(g_sub, ca, g_cross[2 * i], g_cross[2 * i + 1], grads)
-            g, g_sub = self.residual_backward(g, r1, grads)
-            g = g + self.self_attention_backward(g_sub, sa, grads)
-        self.embed_backward(g, self.target_in, self.target_keep, g_embedding)
+            g, g_sub = self.residual_backward(g, g_add, r3, grads)
+            g_add = self.feed_forward_backward(g_sub, ff, grads)
+            g, g_sub = self.residual_backward(g, g_add, r2, grads)
+            g_add = self.cross_attention_backward(g_sub, ca, g_cross[2 * i], g_cross[2 * i + 1], grads)
+            g, g_sub = self.residual_backward(g, g_add, r1, grads)
+            g_add = self.self_attention_backward(g_sub, sa, grads)
+        self.embed_backward(g + g_add, self.target_in, self.target_keep, g_embedding)
 
         g_cross = _unheads(g_cross)
         grads.linear(self.cross_linears, g_cross, self.memory)
-        g = torch.mm(g_cross, self.cross_w)
+        g, g_add = torch.mm(g_cross, self.cross_w), None
         for sa, r1, ff, r2 in reversed(self.encoder):
-            g, g_sub = self.residual_backward(g, r2, grads)
-            g = g + self.feed_forward_backward(g_sub, ff, grads)
-            g, g_sub = self.residual_backward(g, r1, grads)
-            g = g + self.self_attention_backward(g_sub, sa, grads)
-        self.embed_backward(g, self.source_ids, self.source_keep, g_embedding)
+            g, g_sub = self.residual_backward(g, g_add, r2, grads)
+            g_add = self.feed_forward_backward(g_sub, ff, grads)
+            g, g_sub = self.residual_backward(g, g_add, r1, grads)
+            g_add = self.self_attention_backward(g_sub, sa, grads)
+        self.embed_backward(g + g_add, self.source_ids, self.source_keep, g_embedding)
         grads.set(embedding, g_embedding)
 
 

@@ -3,9 +3,13 @@ another's, alternating step by step in one process at one thread, so that the ma
 hits both alike.
 
     python tests/model/bench_share.py --tree DIR [--steps 120] [--flat]
+    python tests/model/bench_share.py --no-kernels [--steps 120] [--flat]
 
 DIR is another checkout's top-level folders (`git archive COMMIT | tar -x -C DIR`); its
-`model/transformer.py` and `model/loss.py` are loaded beside this checkout's. Both models start
+`model/transformer.py` and `model/loss.py` are loaded beside this checkout's (the training pass
+they call is this checkout's `training_pass.py`: compare older trees, or use `--no-kernels`).
+`--no-kernels` compares this checkout with its fused CPU kernels (`model/kernels.py`) against
+itself with PyTorch operations in their place. Both models start
 from the same weights, train on the demo preset's batches of the dates task (half of a
 2,048-token batch: the share of one of two processes), and must give the same loss to 1%.
 `--flat` puts both models' parameters in one flat buffer first, as the worker processes do.
@@ -23,6 +27,7 @@ from types import ModuleType
 
 import torch
 
+from seqserve.model import kernels
 from seqserve.model import loss as this_loss
 from seqserve.model import transformer as this_transformer
 from seqserve.model.allocator import keep_freed_memory
@@ -43,7 +48,9 @@ def _load(name: str, path: Path) -> ModuleType:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tree", type=Path, required=True, help="the other checkout")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--tree", type=Path, help="the other checkout")
+    which.add_argument("--no-kernels", action="store_true", help="the other side: this checkout without fused kernels")
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--flat", action="store_true", help="parameters in one flat buffer, as with worker processes")
     args = p.parse_args()
@@ -56,9 +63,12 @@ def main() -> None:
                       **special_ids(tokenizer), **PRESETS["demo"])
     data = Encoded(pairs, tokenizer, cfg, what="training")
     batches = data.token_batches(2048, seed=1, epoch=1)[:args.steps + 10]
-    sides = {"this": (this_transformer, this_loss),
-             "other": (_load("other_transformer", args.tree / "model/transformer.py"),
-                       _load("other_loss", args.tree / "model/loss.py"))}
+    if args.no_kernels:
+        sides = {"this": (this_transformer, this_loss), "other": (this_transformer, this_loss)}
+    else:
+        sides = {"this": (this_transformer, this_loss),
+                 "other": (_load("other_transformer", args.tree / "model/transformer.py"),
+                           _load("other_loss", args.tree / "model/loss.py"))}
     torch.manual_seed(0)
     models = {name: transformer.Transformer(cfg) for name, (transformer, _) in sides.items()}
     models["other"].load_state_dict(models["this"].state_dict())
@@ -66,11 +76,12 @@ def main() -> None:
 
     def share(name: str, batch) -> float:  # noqa: ANN001
         model, loss_module = models[name], sides[name][1]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(batch.source, batch.target_in)
-        loss = loss_module.label_smoothed_nll_sum(logits.flatten(0, 1), batch.target_out.flatten(),
-                                                  smoothing=0.1, ignore_index=cfg.pad_id)
-        (loss / 1000).backward()
+        with kernels.switched(not (args.no_kernels and name == "other")):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(batch.source, batch.target_in)
+            loss = loss_module.label_smoothed_nll_sum(logits.flatten(0, 1), batch.target_out.flatten(),
+                                                      smoothing=0.1, ignore_index=cfg.pad_id)
+            (loss / 1000).backward()
         if name in flat_grads:
             flat_grads[name].zero_()
         else:

@@ -7,6 +7,7 @@ import torch
 
 from seqserve.runtime.config import BASE, ModelConfig
 from seqserve.runtime.errors import CheckpointError
+from seqserve.model import kernels
 from seqserve.model.training_pass import attention_backward, attention_bias, attention_forward
 from seqserve.model.transformer import Transformer, count_parameters, greedy_decode
 
@@ -141,7 +142,8 @@ def _padded_pair() -> tuple[torch.Tensor, torch.Tensor]:
     return src, tgt
 
 
-def test_training_pass_matches_the_inference_path_in_value_and_gradient() -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["torch-ops", "fused-kernels"])
+def test_training_pass_matches_the_inference_path_in_value_and_gradient(fused: bool) -> None:
     torch.manual_seed(1)
     model = Transformer(TINY).train()
     src, tgt = _padded_pair()
@@ -153,12 +155,16 @@ def test_training_pass_matches_the_inference_path_in_value_and_gradient() -> Non
         (logits * weights).sum().backward()
         return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    fused, fused_grads = grads(Transformer.forward)
+    with kernels.switched(fused):
+        if fused:
+            assert kernels.get(src.device, torch.float32) is not None, kernels.unavailable()
+        passed, passed_grads = grads(Transformer.forward)
     reference, reference_grads = grads(_reference_forward)
-    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
-    assert fused_grads.keys() == reference_grads.keys()
-    for name, grad in reference_grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    torch.testing.assert_close(passed, reference, atol=1e-5, rtol=1e-5)
+    assert passed_grads.keys() == reference_grads.keys()
+    for name, grad in reference_grads.items():  # fp32 sums in another order: 1e-5, or 1e-6 of the largest
+        torch.testing.assert_close(passed_grads[name], grad, atol=max(1e-5, 1e-6 * grad.abs().max().item()), rtol=1e-4,
+                                   msg=name)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -202,14 +208,13 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, dropout):  # noqa: ANN001, ANN205
-        out, p, keep = attention_forward(q, k, v, bias, dropout)
+        out, ctx.weights = attention_forward(q, k, v, bias, dropout)
         ctx.save_for_backward(q, k, v)
-        ctx.p, ctx.keep = p, keep
         return out
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        return (*attention_backward(grad.contiguous(), *ctx.saved_tensors, ctx.p, ctx.keep), None, None)
+        return (*attention_backward(grad.contiguous(), *ctx.saved_tensors, ctx.weights), None, None)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
