@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from seqserve.model import kernels
 from seqserve.model.allocator import keep_freed_memory
 from seqserve.model.averaging import EpochSnapshots
 from seqserve.model.batching import MAX_TOKENS, Encoded, _pad, collate, rank_rows
@@ -321,6 +322,8 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
     if opts.preset not in PRESETS:
         raise SeqserveError(f"--preset: unknown {opts.preset!r}; known: {', '.join(PRESETS)}")
     autocast_dtype = resolve_precision(opts.precision, device)
+    # built now, if need be, so that no timed step (the layout trial's) waits on the compiler
+    kernels.get(device, autocast_dtype or torch.float32)
     torch.manual_seed(opts.seed)
     train_pairs, valid_pairs = load_corpus(task, data, valid, opts)
     if state is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from seqserve.model import kernels, training_pass
 from seqserve.model.checkpoint import load_checkpoint
 from seqserve.model.schedule import auto_epochs, auto_warmup, noam_lr, peak_lr, scheduled_lr
 from seqserve.model.layout import Layout, layout_candidates
@@ -81,6 +82,17 @@ def test_training_on_a_tsv_corpus_is_reproducible(tmp_path: Path) -> None:
         outs.append(load_checkpoint(tmp_path / run / "checkpoint.pt"))
     for key, value in outs[0].state_dict.items():
         assert torch.equal(value, outs[1].state_dict[key]), key
+
+
+def test_the_fused_kernels_are_loaded_before_the_first_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A first build takes seconds: inside a step, the layout trial would time the compiler.
+    events: list[str] = []
+    real_load, real_pass = kernels.load, training_pass.training_pass
+    monkeypatch.setattr(kernels, "load", lambda *args, **kw: events.append("kernels") or real_load(*args, **kw))
+    monkeypatch.setattr(training_pass, "training_pass", lambda *args: events.append("step") or real_pass(*args))
+    train(None, str(_write_tsv(tmp_path / "train.tsv", 40)), None,
+          TrainOptions(out=tmp_path / "run", preset="tiny", epochs=1, batch_size=16, device="cpu", threads=1))
+    assert events[0] == "kernels" and "step" in events
 
 
 def test_malformed_tsv_line_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
