@@ -5,7 +5,7 @@ of whole-tensor operations; on the demo model's CPU steps those chains cost more
 arithmetic in them. The kernels in `fused_kernels.cpp` do each chain as one pass over rows.
 
 They are compiled with the machine's C++ compiler through `torch.utils.cpp_extension` (ninja
-drives the build) the first time training needs them, about half a minute, and cached under
+drives the build) the first time training needs them (about 20 s), and cached under
 `$SEQSERVE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/seqserve/kernels`, else
 `~/.cache/seqserve/kernels`, keyed by the source, torch's version and the CPU's vector
 instructions; `make install` builds them ahead (`python -m seqserve.model.kernels`). Where no
@@ -25,6 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds are not serialised, torch's own lock still applies
+    fcntl = None  # type: ignore[assignment]
 
 SOURCE = Path(__file__).with_name("fused_kernels.cpp")
 SWITCH = "SEQSERVE_FUSED_KERNELS"  # "0" turns the kernels off
@@ -84,15 +89,30 @@ def _load(verbose: bool) -> Any:
     library, ready = folder / f"{name}.so", folder / "ready"
     if not ready.exists():  # written after a build loaded once; then the library is complete
         folder.mkdir(parents=True, exist_ok=True)
-        print(f"seqserve: building the fused CPU kernels for this machine, once (about 30 s; cached in {folder})",
-              file=sys.stderr, flush=True)
-        start = time.monotonic()
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=compile_flags(), build_directory=str(folder),
-                           is_python_module=False, verbose=verbose)
-        ready.write_text(f"built in {time.monotonic() - start:.0f} s\n")
-    else:
-        torch.ops.load_library(str(library))
+        with _exclusive(folder / "build.lock"):  # one build at a time (worker processes, torchrun's ranks)
+            if not ready.exists():
+                # torch's own lock file outlives a build that was killed (Ctrl-C in the first
+                # `seqserve train`) and would make every later build wait for it forever; under
+                # the lock above no other build is running, so any such file is stale
+                (folder / "lock").unlink(missing_ok=True)
+                print(f"seqserve: building the fused CPU kernels for this machine, once (about 20 s; "
+                      f"cached in {folder})", file=sys.stderr, flush=True)
+                start = time.monotonic()
+                cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=compile_flags(),
+                                   build_directory=str(folder), is_python_module=False, verbose=verbose)
+                ready.write_text(f"built in {time.monotonic() - start:.0f} s\n")
+                return torch.ops.seqserve_fused
+    torch.ops.load_library(str(library))
     return torch.ops.seqserve_fused
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` that the system releases if this process dies (flock)."""
+    with open(path, "a") as held:
+        if fcntl is not None:
+            fcntl.flock(held, fcntl.LOCK_EX)
+        yield
 
 
 def load(verbose: bool = False) -> Any:
