@@ -11,6 +11,7 @@
 //   attention_softmax/_backward      scale + bias + softmax of attention scores (model/training_pass.py)
 //   add_layer_norm, layer_norm_backward   LayerNorm(x + sub) and its backward, which also takes
 //                                    the sum of two incoming gradients (the residual's two branches)
+//   rows_contiguous                  the copies between the attention's head layouts
 //
 // Rows are contiguous and at least one element long; the Python side checks dtypes, devices
 // and layouts before calling, and falls back to PyTorch operations otherwise.
@@ -22,6 +23,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <cstring>
 #include <cmath>
 #include <type_traits>
 #include <limits>
@@ -442,6 +445,50 @@ Tensor attention_softmax_backward(const Tensor& dp, const Tensor& p, double scal
   return ds;
 }
 
+// -- head layouts --------------------------------------------------------------------------------
+//
+// A contiguous copy of a view whose last dimension is contiguous (the attention's head layouts:
+// (B, T, n, H, Dh) <-> (n, B, H, T, Dh)): whole rows of Dh elements, walked with an odometer
+// over the other dimensions. torch's strided copy took 3-4x as long on these shapes.
+
+Tensor rows_contiguous(const Tensor& src) {
+  TORCH_CHECK(src.device().is_cpu() && src.dim() >= 1 && src.dim() <= 8 && src.stride(-1) == 1,
+              "rows_contiguous: a CPU view of up to 8 dimensions whose last is contiguous");
+  auto out = at::empty(src.sizes(), src.options());
+  const int64_t dims = src.dim() - 1, bytes = src.size(-1) * src.element_size();
+  const int64_t rows = src.size(-1) == 0 ? 0 : src.numel() / src.size(-1);
+  const char* in = static_cast<const char*>(src.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  std::array<int64_t, 8> size{}, stride{};
+  for (int64_t d = 0; d < dims; ++d) {
+    size[d] = src.size(d);
+    stride[d] = src.stride(d) * src.element_size();
+  }
+  at::parallel_for(0, rows, 256, [&](int64_t lo, int64_t hi) SEQSERVE_FLATTEN {
+    std::array<int64_t, 8> index{};
+    int64_t offset = 0;
+    for (int64_t d = dims - 1, r = lo; d >= 0; --d) {  // the odometer at row lo
+      index[d] = r % size[d];
+      r /= size[d];
+      offset += index[d] * stride[d];
+    }
+    for (int64_t r = lo; r < hi; ++r) {
+      const char* from = in + offset;
+      char* to = dst + r * bytes;
+      int64_t c = 0;
+      for (; c + 64 <= bytes; c += 64) std::memcpy(to + c, from + c, 64);  // inlined as vector moves
+      if (c < bytes) std::memcpy(to + c, from + c, bytes - c);
+      for (int64_t d = dims - 1; d >= 0; --d) {  // next row
+        offset += stride[d];
+        if (++index[d] < size[d]) break;
+        offset -= index[d] * stride[d];
+        index[d] = 0;
+      }
+    }
+  });
+  return out;
+}
+
 // -- residual add and layer norm -----------------------------------------------------------------
 //
 // x, sub (N, D) in the low dtype, weight and bias (D,) fp32. s = x + sub (rounded to the low
@@ -606,6 +653,7 @@ TORCH_LIBRARY(seqserve_fused, m) {
   m.def("smoothed_loss_backward", &smoothed_loss_backward);
   m.def("attention_softmax", &attention_softmax);
   m.def("attention_softmax_backward", &attention_softmax_backward);
+  m.def("rows_contiguous", &rows_contiguous);
   m.def("add_layer_norm", &add_layer_norm);
   m.def("layer_norm_backward", &layer_norm_backward);
 }

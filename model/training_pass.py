@@ -25,7 +25,8 @@ tests hold them to each other in value and in every parameter's gradient), arran
 
 - **Fused CPU kernels** where they could be built (`kernels.py`): the attention softmax and its
   backward, each residual add with its layer norm, and the norm's backward (which also sums the
-  two gradients a residual's input gets), one pass over rows each. PyTorch operations take their
+  two gradients a residual's input gets), one pass over rows each; the copies between head
+  layouts row by row. PyTorch operations take their
   place elsewhere (GPUs, fp64, dropout on the attention weights) and where `kernels.switched(False)`.
 
 Shapes: B batch, S source length, T target length, N = B*S or B*T rows, D d_model, H heads,
@@ -191,26 +192,32 @@ class _LayerNorm:
         return gx
 
 
-def _heads(y: Tensor, b: int, t: int, n: int, h: int) -> Tensor:
+def _contiguous(x: Tensor, ops: Any) -> Tensor:
+    """x (a view whose last dimension is contiguous) as a contiguous tensor: with the fused
+    kernels, row by row (`rows_contiguous`; torch's strided copy took 3-4x as long on these shapes)."""
+    return ops.rows_contiguous(x) if ops is not None else x.contiguous()
+
+
+def _heads(y: Tensor, b: int, t: int, n: int, h: int, ops: Any) -> Tensor:
     """(B*T, n*D) stacked projections -> (n, B, H, T, Dh), contiguous."""
-    return y.view(b, t, n, h, -1).permute(2, 0, 3, 1, 4).contiguous()
+    return _contiguous(y.view(b, t, n, h, -1).permute(2, 0, 3, 1, 4), ops)
 
 
-def _unheads(g: Tensor) -> Tensor:
+def _unheads(g: Tensor, ops: Any) -> Tensor:
     """(n, B, H, T, Dh) -> (B*T, n*D), the inverse layout of `_heads`."""
     n, b, h, t, dh = g.shape
-    return g.permute(1, 3, 0, 2, 4).reshape(b * t, n * h * dh)
+    return _contiguous(g.permute(1, 3, 0, 2, 4), ops).view(b * t, n * h * dh)
 
 
-def _merge(out: Tensor) -> Tensor:
+def _merge(out: Tensor, ops: Any) -> Tensor:
     """(B, H, T, Dh) -> (B*T, D)."""
     b, h, t, dh = out.shape
-    return out.transpose(1, 2).reshape(b * t, h * dh)
+    return _contiguous(out.transpose(1, 2), ops).view(b * t, h * dh)
 
 
-def _split(g: Tensor, b: int, t: int, h: int) -> Tensor:
+def _split(g: Tensor, b: int, t: int, h: int, ops: Any) -> Tensor:
     """(B*T, D) -> (B, H, T, Dh), contiguous."""
-    return g.view(b, t, h, -1).transpose(1, 2).contiguous()
+    return _contiguous(g.view(b, t, h, -1).transpose(1, 2), ops)
 
 
 class _Pass:
@@ -238,10 +245,10 @@ class _Pass:
     def self_attention(self, attn: nn.Module, x: Tensor, b: int, t: int, bias: Tensor) -> tuple[Tensor, dict]:
         projections = [attn.q_proj, attn.k_proj, attn.v_proj]
         w, bb = _stacked(projections, self.low)
-        heads = _heads(torch.addmm(bb, x, w.t()), b, t, 3, attn.n_heads)  # (3, B, H, T, Dh)
+        heads = _heads(torch.addmm(bb, x, w.t()), b, t, 3, attn.n_heads, self.ops)  # (3, B, H, T, Dh)
         q, k, v = heads.unbind(0)
         out, weights = attention_forward(q, k, v, bias, self.p_attn, self.ops)
-        merged = _merge(out)
+        merged = _merge(out, self.ops)
         wo = attn.out_proj.weight.to(self.low)
         o = torch.addmm(attn.out_proj.bias.to(self.low), merged, wo.t())
         return o, dict(attn=attn, x=x, w=w, heads=heads, weights=weights, merged=merged, wo=wo)
@@ -251,19 +258,19 @@ class _Pass:
         attn, heads = s["attn"], s["heads"]
         grads.linear([attn.out_proj], g, s["merged"])
         _, b, h, t, _ = heads.shape
-        g_out = _split(torch.mm(g, s["wo"]), b, t, h)
+        g_out = _split(torch.mm(g, s["wo"]), b, t, h, self.ops)
         g_heads = torch.empty_like(heads)
         attention_backward(g_out, *heads.unbind(0), s["weights"], self.ops, out=tuple(g_heads.unbind(0)))
-        g_qkv = _unheads(g_heads)
+        g_qkv = _unheads(g_heads, self.ops)
         grads.linear([attn.q_proj, attn.k_proj, attn.v_proj], g_qkv, s["x"])
         return torch.mm(g_qkv, s["w"])
 
     def cross_attention(self, attn: nn.Module, x: Tensor, b: int, t: int, k: Tensor, v: Tensor,
                         bias: Tensor) -> tuple[Tensor, dict]:
         wq = attn.q_proj.weight.to(self.low)
-        q = _split(torch.addmm(attn.q_proj.bias.to(self.low), x, wq.t()), b, t, attn.n_heads)
+        q = _split(torch.addmm(attn.q_proj.bias.to(self.low), x, wq.t()), b, t, attn.n_heads, self.ops)
         out, weights = attention_forward(q, k, v, bias, self.p_attn, self.ops)
-        merged = _merge(out)
+        merged = _merge(out, self.ops)
         wo = attn.out_proj.weight.to(self.low)
         o = torch.addmm(attn.out_proj.bias.to(self.low), merged, wo.t())
         return o, dict(attn=attn, x=x, wq=wq, q=q, k=k, v=v, weights=weights, merged=merged, wo=wo)
@@ -273,10 +280,10 @@ class _Pass:
         attn, q = s["attn"], s["q"]
         grads.linear([attn.out_proj], g, s["merged"])
         b, h, t, _ = q.shape
-        g_out = _split(torch.mm(g, s["wo"]), b, t, h)
+        g_out = _split(torch.mm(g, s["wo"]), b, t, h, self.ops)
         g_q = torch.empty_like(q)
         attention_backward(g_out, q, s["k"], s["v"], s["weights"], self.ops, out=(g_q, g_k, g_v))
-        g_q = _merge(g_q)
+        g_q = _merge(g_q, self.ops)
         grads.linear([attn.q_proj], g_q, s["x"])
         return torch.mm(g_q, s["wq"])
 
@@ -333,7 +340,7 @@ class _Pass:
         self.cross_linears = [p for layer in model.decoder for p in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)]
         w, bb = _stacked(self.cross_linears, self.low)
         self.memory, self.cross_w = x, w
-        self.cross = _heads(torch.addmm(bb, x, w.t()), b, s, len(self.cross_linears), cfg.n_heads)  # (2L, B, H, S, Dh)
+        self.cross = _heads(torch.addmm(bb, x, w.t()), b, s, len(self.cross_linears), cfg.n_heads, self.ops)  # (2L, B, H, S, Dh)
 
         y, self.target_keep = self.embed(target_in)
         self.decoder = []
@@ -368,7 +375,7 @@ class _Pass:
             g_add = self.self_attention_backward(g_sub, sa, grads)
         self.embed_backward(g + g_add, self.target_in, self.target_keep, g_embedding)
 
-        g_cross = _unheads(g_cross)
+        g_cross = _unheads(g_cross, self.ops)
         grads.linear(self.cross_linears, g_cross, self.memory)
         g, g_add = torch.mm(g_cross, self.cross_w), None
         for sa, r1, ff, r2 in reversed(self.encoder):

@@ -117,6 +117,20 @@ def test_attention_with_dropout_or_per_head_bias_uses_torch_ops(ops) -> None:  #
     assert attention_forward(q, k, v, bias.expand(3, 4, 5, 6), 0.0, ops)[1].low is None
 
 
+# -- head layouts --------------------------------------------------------------------------------
+
+def test_rows_contiguous_copies_any_view_with_contiguous_rows(ops) -> None:  # noqa: ANN001
+    y = torch.randn(6, 5, 3, 4, 32).bfloat16()
+    views = [y.permute(2, 0, 3, 1, 4), y.permute(1, 3, 0, 2, 4), y[:, 1:4].transpose(0, 1), y[..., :7],
+             torch.randn(5, 7, 3, 33).permute(2, 0, 1, 3), torch.randn(4, 6, 70, dtype=torch.float64).transpose(0, 1),
+             torch.randn(9), torch.empty(0, 3, 4).transpose(0, 1)]
+    for view in views:
+        copy = ops.rows_contiguous(view)
+        assert copy.is_contiguous() and torch.equal(copy, view.contiguous())
+    with pytest.raises(RuntimeError, match="last is contiguous"):
+        ops.rows_contiguous(torch.randn(4, 5).t())
+
+
 # -- residual add and layer norm -----------------------------------------------------------------
 
 @pytest.mark.parametrize("d", [128, 100, 40])  # whole vectors, and rows ending in a part of one
@@ -189,9 +203,11 @@ def test_training_step_with_kernels_matches_torch_ops(ops, dtype: torch.dtype,  
 
     loss, grads = step(True)
     # every residual's norm, every attention and the loss ran fused, forward and backward
+    # (head layouts: 4 self-attentions' Q, K, V and the cross keys and values; 6 outputs merged;
+    # 2 cross queries split; the backward: 6 output gradients split, 5 unheaded, 2 queries merged)
     assert counting.calls == {"add_layer_norm": 10, "layer_norm_backward": 10, "attention_softmax": 6,
                               "attention_softmax_backward": 6, "smoothed_loss_forward": 1,
-                              "smoothed_loss_backward": 1}
+                              "smoothed_loss_backward": 1, "rows_contiguous": 5 + 6 + 2 + 6 + 5 + 2}
     counting.calls.clear()
     plain_loss, plain_grads = step(False)
     assert not counting.calls
