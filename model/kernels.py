@@ -133,6 +133,13 @@ def load(verbose: bool = False) -> Any:
     return _ops
 
 
+def disable(reason: str) -> None:
+    """No kernels in this process from now on, without trying to build them (`unavailable()`
+    gives the reason)."""
+    global _ops, _reason, _tried
+    _ops, _reason, _tried = None, reason, True
+
+
 def unavailable() -> str | None:
     """Why `load()` gave no kernels, or None (not tried yet, or loaded)."""
     return _reason

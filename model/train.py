@@ -323,7 +323,7 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
         raise SeqserveError(f"--preset: unknown {opts.preset!r}; known: {', '.join(PRESETS)}")
     autocast_dtype = resolve_precision(opts.precision, device)
     # built now, if need be, so that no timed step (the layout trial's) waits on the compiler
-    kernels.get(device, autocast_dtype or torch.float32)
+    fused = kernels.get(device, autocast_dtype or torch.float32) is not None
     torch.manual_seed(opts.seed)
     train_pairs, valid_pairs = load_corpus(task, data, valid, opts)
     if state is not None:
@@ -360,7 +360,7 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
     if workers is not None and max(layouts).processes > 1:
         flat, own_grads = shared_flat(model)
         try:
-            workers.attach(WorkerSetup(cfg.to_dict(), autocast_dtype, opts.label_smoothing), flat)
+            workers.attach(WorkerSetup(cfg.to_dict(), autocast_dtype, opts.label_smoothing, fused), flat)
         except SeqserveError as e:
             if opts.workers is not None:
                 raise

@@ -34,6 +34,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from seqserve.model import kernels
 from seqserve.model.allocator import keep_freed_memory
 from seqserve.model.loss import label_smoothed_nll_sum
 from seqserve.model.transformer import Transformer
@@ -50,6 +51,7 @@ class WorkerSetup:
     config: dict[str, Any]  # ModelConfig.to_dict()
     autocast_dtype: torch.dtype | None  # None: fp32
     label_smoothing: float
+    fused_kernels: bool  # whether the trainer has them (kernels.py); a worker then loads them too
 
 
 def train_share(net: nn.Module, source: torch.Tensor, target_in: torch.Tensor, target_out: torch.Tensor, *,
@@ -207,6 +209,10 @@ def _worker_main(conn: Any) -> None:
         if message is None:
             return
         setup, flat, grads = message
+        if setup.fused_kernels:  # from the trainer's cache, before any timed step
+            kernels.load()
+        else:  # the same arithmetic as the trainer's, and no second try at a build that failed
+            kernels.disable("the trainer has none")
         cfg = ModelConfig.from_dict(setup.config)
         model = Transformer(cfg)
         _bind(list(model.parameters()), flat, grads, copy=False)

@@ -4,6 +4,7 @@ and no run left hanging or orphaned when a process of it dies."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -119,6 +120,18 @@ def test_a_worker_killed_mid_run_stops_the_run_with_a_clear_error(data: list[str
     # The state saved before the kill is there to resume from.
     assert (tmp_path / "run" / "training_state.pt").exists()
     assert _wait_gone([int(p) for p in pids_file.read_text().split()]) == []
+
+
+def test_workers_follow_the_trainer_without_fused_kernels(data: list[str], tmp_path: Path) -> None:
+    # Without a compiler the trainer says so once; its workers do not try a build of their own
+    # (each would have printed the same line, and a failing build costs seconds in a timed step).
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"), "SEQSERVE_KERNEL_CACHE": str(tmp_path / "cache")}
+    flags = [*data, "--out", str(tmp_path / "run"), "--workers", "2", *FLAGS, "--epochs", "1"]
+    run = subprocess.run([sys.executable, "-m", "seqserve.server.cli", "train", *flags], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count("no fused CPU kernels") == 1, run.stderr
+    assert all(v["processes"] == 2 for v in _metrics(tmp_path / "run")["history"])
 
 
 def test_workers_are_for_a_cpu_and_at_least_one(data: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
