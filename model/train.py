@@ -406,8 +406,10 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
     if world.is_main:
         opts.out.mkdir(parents=True, exist_ok=True)
         (opts.out / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-        log.info("model: %s parameters, %s; %s on %s x %d", f"{count_parameters(model):,}", cfg,
-                 "bf16 autocast" if autocast_dtype else "fp32", device.type, world.size)
+        log.info("model: %s parameters, %s; %s on %s x %d; %s", f"{count_parameters(model):,}", cfg,
+                 "bf16 autocast" if autocast_dtype else "fp32", device.type, world.size,
+                 "fused CPU kernels" if fused else
+                 f"PyTorch operations ({kernels.unavailable() or 'the fused kernels are for CPUs'})")
         log.info("%d pairs, batches of %d tokens: %d steps an epoch, %d epochs; warm-up %d steps to lr %.2e",
                  len(first_data), opts.max_tokens, steps_per_epoch, opts.epochs, warmup,
                  scheduled_lr(warmup, cfg.d_model, warmup, opts.lr_scale))
@@ -545,7 +547,7 @@ def _train(task: str | None, data: str | None, valid: str | None, opts: TrainOpt
     summary = {"best": best, "history": history["valid"], "train_loss": history["train_loss"],
                "parameters": count_parameters(model), "config": cfg.to_dict(), "stopped": stopped,
                "train_seconds": round(time.perf_counter() - started, 1), "world_size": world.size,
-               "precision": "bf16" if autocast_dtype else "fp32", "warmup": warmup,
+               "precision": "bf16" if autocast_dtype else "fp32", "fused_kernels": fused, "warmup": warmup,
                "throughput": {"target_tokens_per_s": round(totals["target_tokens"] / max(totals["train_seconds"], 1e-9)),
                               "padding_share": round(1 - totals["real_tokens"] / max(1, totals["padded_tokens"]), 4),
                               "median_epoch_target_tokens_per_s": statistics.median(

@@ -42,6 +42,7 @@ def test_training_writes_checkpoint_metrics_plot_and_tokenizer(trained_dir: Path
     metrics = json.loads((trained_dir / "metrics.json").read_text())
     assert len(metrics["history"]) == 2
     assert {"exact_match", "bleu", "chrf", "valid_loss"} <= set(metrics["best"])
+    assert metrics["fused_kernels"] is (kernels.load() is not None)  # which ran: kernels or PyTorch operations
     ckpt = load_checkpoint(trained_dir / "checkpoint.pt")
     assert len(ckpt.validation) == 200
     assert ckpt.metrics["exact_match"] == metrics["best"]["exact_match"]
