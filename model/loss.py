@@ -16,6 +16,10 @@ buffer in the forward pass; the backward only scales it into the logits' dtype. 
 shapes (1,020 positions, vocabulary 786, bf16, one CPU thread) forward and backward took 1.40 ms
 against 1.87 for a log-softmax in the forward and its exponential in the backward, which was
 itself about 8 ms less of a 160 ms step than torch's loss.
+
+On a CPU with the fused kernels (`kernels.py`) the same loss is one pass over each row of logits
+in the forward, which keeps only the row's log-sum-exp, and one in the backward, which writes the
+gradient in the logits' dtype: 0.58-0.60 against 1.0-1.3 ms on the same shapes.
 """
 
 from __future__ import annotations
