@@ -236,11 +236,38 @@ PROBE = ("import torch\nfrom seqserve.model import kernels\nfrom seqserve.model.
          "print('grad', bool(torch.isfinite(x.grad).all()))\n")
 
 
-def test_a_machine_without_a_compiler_trains_with_torch_ops(tmp_path: Path) -> None:
-    run = _python(PROBE, {"CXX": str(tmp_path / "no-such-c++"), kernels.CACHE: str(tmp_path / "cache")})
-    assert run.returncode == 0, run.stderr
-    assert "ops False" in run.stdout and "grad True" in run.stdout
-    assert "no fused CPU kernels" in run.stderr and "training uses PyTorch operations" in run.stderr
+@pytest.fixture
+def untried(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """This process's kernels as if never loaded (restored after the test)."""
+    monkeypatch.setattr(kernels, "_ops", None)
+    monkeypatch.setattr(kernels, "_reason", None)
+    monkeypatch.setattr(kernels, "_tried", False)
+    return monkeypatch
+
+
+def _trains_with_torch_ops() -> None:
+    x = torch.randn(4, 9, requires_grad=True)
+    label_smoothed_nll_sum(x, torch.tensor([1, 2, 0, 8]), smoothing=0.1, ignore_index=0).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_a_machine_without_a_compiler_trains_with_torch_ops(untried: pytest.MonkeyPatch, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    untried.setenv("CXX", str(tmp_path / "no-such-c++"))
+    untried.setenv(kernels.CACHE, str(tmp_path / "cache"))
+    assert kernels.load() is None and kernels.unavailable()
+    assert kernels.get(torch.device("cpu"), torch.bfloat16) is None
+    _trains_with_torch_ops()
+    err = capsys.readouterr().err
+    assert err.count("no fused CPU kernels") == 1 and "training uses PyTorch operations" in err
+
+
+def test_kernels_can_be_switched_off(untried: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    untried.setenv(kernels.SWITCH, "0")
+    untried.setenv(kernels.CACHE, str(tmp_path / "cache"))
+    assert kernels.load() is None and kernels.unavailable() == f"{kernels.SWITCH}=0"
+    _trains_with_torch_ops()
+    assert not (tmp_path / "cache").exists()  # nothing built
 
 
 def test_a_build_killed_earlier_does_not_hang_the_next(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -253,13 +280,6 @@ def test_a_build_killed_earlier_does_not_hang_the_next(tmp_path: Path, monkeypat
     run = _python(PROBE, env)  # subprocess.TimeoutExpired if it waits on the stale lock
     assert run.returncode == 0, run.stderr
     assert "ops False" in run.stdout and "grad True" in run.stdout
-
-
-def test_kernels_can_be_switched_off(tmp_path: Path) -> None:
-    run = _python(PROBE, {kernels.SWITCH: "0", kernels.CACHE: str(tmp_path / "cache")})
-    assert run.returncode == 0, run.stderr
-    assert f"ops False {kernels.SWITCH}=0" in run.stdout and "grad True" in run.stdout
-    assert not (tmp_path / "cache").exists()  # nothing built
 
 
 def test_a_built_library_is_reused_without_building(ops) -> None:  # noqa: ANN001
