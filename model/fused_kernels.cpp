@@ -164,13 +164,13 @@ inline float row_max(const float* x, int64_t n) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
 }
 
-// sum over the row of f(x) (f of a neutral lane must be 0: f(0) = 0 where the tail is zero-filled)
+// sum over the row of f(x); the tail's missing lanes are dropped after f
 template <typename F>
-inline float row_sum_of(const float* x, int64_t n, const F& f, float fill = 0.f) {
+inline float row_sum_of(const float* x, int64_t n, const F& f) {
   Vec acc(0.f);
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) acc = acc + f(Vec::loadu(x + j));
-  if (j < n) acc = acc + Vec::set(Vec(0.f), f(tail(x + j, n - j, fill)), n - j);
+  if (j < n) acc = acc + Vec::set(Vec(0.f), f(Vec::loadu(x + j, n - j)), n - j);
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
 }
 
