@@ -37,71 +37,11 @@ namespace {
 using at::Tensor;
 using Vec = at::vec::Vectorized<float>;
 
-// -- rows of T <-> fp32 buffers ------------------------------------------------------------------
-
-template <typename T>
-inline void load_row(const T* src, float* dst, int64_t n) {
-  using TVec = at::vec::Vectorized<T>;
-  int64_t j = 0;
-  for (; j + TVec::size() <= n; j += TVec::size()) {
-    auto [lo, hi] = at::vec::convert_to_float<T>(TVec::loadu(src + j));
-    lo.store(dst + j);
-    hi.store(dst + j + Vec::size());
-  }
-  if (j < n) {  // one partial vector, not a scalar loop: attention rows are shorter than a vector
-    const int64_t k = n - j;
-    auto [lo, hi] = at::vec::convert_to_float<T>(TVec::loadu(src + j, k));
-    lo.store(dst + j, std::min<int64_t>(k, Vec::size()));
-    if (k > Vec::size()) hi.store(dst + j + Vec::size(), k - Vec::size());
-  }
-}
-
-template <>
-inline void load_row<float>(const float* src, float* dst, int64_t n) {
-  std::copy(src, src + n, dst);
-}
-
-template <typename T>
-inline void store_row(const float* src, T* dst, int64_t n) {
-  using TVec = at::vec::Vectorized<T>;
-  int64_t j = 0;
-  for (; j + TVec::size() <= n; j += TVec::size()) {
-    at::vec::convert_from_float<T>(Vec::loadu(src + j), Vec::loadu(src + j + Vec::size())).store(dst + j);
-  }
-  if (j < n) {
-    const int64_t k = n - j;
-    const Vec lo = Vec::loadu(src + j, std::min<int64_t>(k, Vec::size()));
-    const Vec hi = k > Vec::size() ? Vec::loadu(src + j + Vec::size(), k - Vec::size()) : Vec(0.f);
-    at::vec::convert_from_float<T>(lo, hi).store(dst + j, k);
-  }
-}
-
-template <>
-inline void store_row<float>(const float* src, float* dst, int64_t n) {
-  std::copy(src, src + n, dst);
-}
-
-// Up to one Vec (k <= Vec::size() elements) of T as fp32; the missing lanes are 0.
-template <typename T>
-inline Vec load_vec(const T* src, int64_t k) {
-  if constexpr (std::is_same_v<T, float>) {
-    return Vec::loadu(src, k);
-  } else {
-    return std::get<0>(at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(src, k)));
-  }
-}
-
-template <typename T>
-inline void store_vec(const Vec& x, T* dst, int64_t k) {
-  if constexpr (std::is_same_v<T, float>) {
-    x.store(dst, k);
-  } else {
-    at::vec::convert_from_float<T>(x, Vec(0.f)).store(dst, k);
-  }
-}
-
-// Two Vecs' worth (C = 2 * Vec::size() elements, one Vectorized<BFloat16>) at a time, k <= C
-// of them real; missing lanes load as 0.
+// -- rows of T <-> fp32 ----------------------------------------------------------------------------
+//
+// Two Vecs' worth (C = 2 * Vec::size() elements, one Vectorized<BFloat16>) at a time, k <= C of
+// them real; missing lanes load as 0. A row's tail is one partial vector, not a scalar loop:
+// attention rows are shorter than a vector.
 constexpr int64_t C = 2 * Vec::size();
 
 template <typename T>
@@ -126,6 +66,16 @@ inline void store2(T* dst, const Vec& lo, const Vec& hi, int64_t k) {
   }
 }
 
+// A row of n elements from one dtype to another (T to fp32 or back)
+template <typename S, typename D>
+inline void copy_row(const S* src, D* dst, int64_t n) {
+  for (int64_t j = 0; j < n; j += C) {
+    const int64_t k = std::min(C, n - j);
+    auto [lo, hi] = load2(src + j, k);
+    store2(dst + j, lo, hi, k);
+  }
+}
+
 // The values as T holds them (rounded to T), back in fp32.
 template <typename T>
 inline std::pair<Vec, Vec> round2(const Vec& lo, const Vec& hi) {
@@ -139,14 +89,6 @@ inline std::pair<Vec, Vec> round2(const Vec& lo, const Vec& hi) {
 
 inline int64_t padded(int64_t n) {
   return (n + C - 1) / C * C;
-}
-
-inline Vec load_w(const float* w, int64_t k) {  // k may exceed Vec::size(): the first Vec's worth
-  return Vec::loadu(w, std::min<int64_t>(k, Vec::size()));
-}
-
-inline Vec load_w_hi(const float* w, int64_t k) {
-  return k > Vec::size() ? Vec::loadu(w + Vec::size(), k - Vec::size()) : Vec(0.f);
 }
 
 // Row reductions. The tail is one partial Vec whose missing lanes are neutral (0 for sums, -inf
@@ -243,7 +185,7 @@ std::tuple<Tensor, Tensor> smoothed_loss_forward(const Tensor& logits, const Ten
     at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) SEQSERVE_FLATTEN {
       std::vector<float> buf(v);
       for (int64_t i = lo; i < hi; ++i) {
-        load_row<scalar_t>(x + i * v, buf.data(), v);
+        copy_row(x + i * v, buf.data(), v);
         const float m = row_max(buf.data(), v);
         const float sum = row_sum(buf.data(), v);
         const Vec vm(m);
@@ -284,12 +226,12 @@ Tensor smoothed_loss_backward(const Tensor& logits, const Tensor& target, const 
         if (t[i] == ignore_index) {
           std::fill(buf.begin(), buf.end(), 0.f);
         } else {
-          load_row<scalar_t>(x + i * v, buf.data(), v);
+          copy_row(x + i * v, buf.data(), v);
           const Vec vl(lse_in[i]), vs(s), vf(floor_term);
           row_apply(buf.data(), v, [&](Vec a) { return at::vec::fmsub(vs, (a - vl).exp_u20(), vf); });
           buf[t[i]] -= target_term;
         }
-        store_row<scalar_t>(buf.data(), g + i * v, v);
+        copy_row(buf.data(), g + i * v, v);
       }
     });
   });
@@ -311,7 +253,7 @@ inline void softmax_row(const T* x, const float* bias_row, int64_t s, float sc, 
   Vec m(lowest);
   for (int v = 0; v < NV; ++v) {
     const int64_t j = v * Vec::size(), k = std::clamp<int64_t>(s - j, 0, Vec::size());
-    z[v] = k > 0 ? Vec::set(Vec(lowest), at::vec::fmadd(load_vec(x + j, k), Vec(sc), Vec::loadu(bias_row + j, k)), k)
+    z[v] = k > 0 ? Vec::set(Vec(lowest), at::vec::fmadd(load2(x + j, k).first, Vec(sc), Vec::loadu(bias_row + j, k)), k)
                  : Vec(lowest);
     m = at::vec::maximum(m, z[v]);
   }
@@ -328,7 +270,7 @@ inline void softmax_row(const T* x, const float* bias_row, int64_t s, float sc, 
     if (k == 0) break;
     const Vec out = z[v] * inv;
     out.store(p + j, k);
-    store_vec(out, low + j, k);
+    store2(low + j, out, Vec(0.f), k);
   }
 }
 
@@ -336,7 +278,7 @@ inline void softmax_row(const T* x, const float* bias_row, int64_t s, float sc, 
 template <typename T>
 inline void softmax_row_long(const T* x, const float* bias_row, int64_t s, float sc, float fl, float* row, T* low) {
   const Vec vsc(sc), vfl(fl);
-  load_row<T>(x, row, s);
+  copy_row(x, row, s);
   int64_t j = 0;
   for (; j + Vec::size() <= s; j += Vec::size()) {
     at::vec::fmadd(Vec::loadu(row + j), vsc, Vec::loadu(bias_row + j)).store(row + j);
@@ -346,7 +288,7 @@ inline void softmax_row_long(const T* x, const float* bias_row, int64_t s, float
   row_apply(row, s, [&](Vec a) { return at::vec::maximum(a - vm, vfl).exp_u20(); });
   const Vec inv(1.f / row_sum(row, s));
   row_apply(row, s, [&](Vec a) { return a * inv; });
-  store_row<T>(row, low, s);
+  copy_row(row, low, s);
 }
 
 std::tuple<Tensor, Tensor> attention_softmax(const Tensor& scores, const Tensor& bias, double scale, double floor) {
@@ -394,7 +336,7 @@ inline void softmax_backward_row(const T* g, const float* p, int64_t s, float sc
   for (int v = 0; v < NV; ++v) {
     const int64_t j = v * Vec::size(), k = std::clamp<int64_t>(s - j, 0, Vec::size());
     if (k == 0) break;
-    d[v] = load_vec(g + j, k);
+    d[v] = load2(g + j, k).first;
     pv[v] = Vec::loadu(p + j, k);
     dot = at::vec::fmadd(d[v], pv[v], dot);
   }
@@ -402,7 +344,7 @@ inline void softmax_backward_row(const T* g, const float* p, int64_t s, float sc
   for (int v = 0; v < NV; ++v) {
     const int64_t j = v * Vec::size(), k = std::clamp<int64_t>(s - j, 0, Vec::size());
     if (k == 0) break;
-    store_vec((d[v] - total) * pv[v] * vsc, out + j, k);
+    store2(out + j, (d[v] - total) * pv[v] * vsc, Vec(0.f), k);
   }
 }
 
@@ -430,14 +372,14 @@ Tensor attention_softmax_backward(const Tensor& dp, const Tensor& p, double scal
           softmax_backward_row<4>(g + r * s, p_in + r * s, s, sc, out + r * s);
         } else {
           const float* pr = p_in + r * s;
-          load_row<scalar_t>(g + r * s, buf.data(), s);
+          copy_row(g + r * s, buf.data(), s);
           const Vec vdot(row_dot(buf.data(), pr, s)), vsc(sc);
           int64_t j = 0;
           for (; j + Vec::size() <= s; j += Vec::size()) {
             ((Vec::loadu(buf.data() + j) - vdot) * Vec::loadu(pr + j) * vsc).store(buf.data() + j);
           }
           if (j < s) ((Vec::loadu(buf.data() + j, s - j) - vdot) * Vec::loadu(pr + j, s - j) * vsc).store(buf.data() + j, s - j);
-          store_row<scalar_t>(buf.data(), out + r * s, s);
+          copy_row(buf.data(), out + r * s, s);
         }
       }
     });
@@ -551,8 +493,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm(const Tensor& x, const
         const Vec vr(r);
         for (int64_t j = 0; j < d; j += C) {
           const int64_t k = std::min(C, d - j);
-          const Vec y0 = at::vec::fmadd((Vec::loadu(a + j) - vm) * vr, load_w(w + j, k), load_w(bb + j, k));
-          const Vec y1 = at::vec::fmadd((Vec::loadu(a + j + Vec::size()) - vm) * vr, load_w_hi(w + j, k), load_w_hi(bb + j, k));
+          const auto [w0, w1] = load2(w + j, k);
+          const auto [b0, b1] = load2(bb + j, k);
+          const Vec y0 = at::vec::fmadd((Vec::loadu(a + j) - vm) * vr, w0, b0);
+          const Vec y1 = at::vec::fmadd((Vec::loadu(a + j + Vec::size()) - vm) * vr, w1, b1);
           store2<scalar_t>(yp + i * d + j, y0, y1, k);
         }
       }
@@ -609,7 +553,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& grad, const
           }
           auto [s0, s1] = load2<scalar_t>(sp + i * d + j, k);
           const Vec xh0 = (s0 - vm) * vr, xh1 = (s1 - vm) * vr;
-          const Vec a0 = g0 * load_w(w + j, k), a1 = g1 * load_w_hi(w + j, k);
+          const auto [w0, w1] = load2(w + j, k);
+          const Vec a0 = g0 * w0, a1 = g1 * w1;
           c1 = c1 + a0 + a1;
           c2 = at::vec::fmadd(a0, xh0, at::vec::fmadd(a1, xh1, c2));
           at::vec::fmadd(g0, xh0, Vec::loadu(gw + j)).store(gw + j);
